@@ -1,0 +1,106 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors and Python primitives: ``model``, ``optimizer``,
+``scheduler`` (state dicts), ``iteration`` (iterations completed), ``rng`` (torch / numpy / random
+states), ``config`` (``config.to_dict``), ``dataset`` (num_classes, label_to_cat_id, class_names),
+and ``format``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ioulab.detector import config as C
+
+FORMAT = "ioulab-checkpoint-1"
+_NAME = re.compile(r"^model_(\d{7})\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        # weights_only loading accepts tensors and primitives, not numpy arrays.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_tuplify(state["python"]))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a
+    truncated checkpoint under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
+    return ckpt_dir / f"model_{iteration:07d}.pth"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ioulab checkpoint (format {FORMAT})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, cfg: C.Config, path: Path, prefix: str = "model.") -> None:
+    """Raise if the checkpoint was made with a different ``prefix`` part of the config."""
+    stored = C.from_dict(ckpt["config"], source=f"{path} (stored config)")
+    changed = C.diff(stored, cfg, prefix)
+    if changed:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise CheckpointError(f"checkpoint {path} was made with a different config ({lines})")

@@ -1,0 +1,131 @@
+"""COCO evaluation: run the detector over a dataset, write COCO results, score with pycocotools.
+
+Metrics are in percent: ``AP`` (IoU .50:.95), ``AP50 AP60 AP70 AP75 AP80 AP90`` (AP at one IoU
+threshold, read from COCOeval's precision array — the columns of the papers' tables) and
+``APs APm APl``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+METRIC_KEYS = ["AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "APs", "APm", "APl"]
+THRESHOLD_KEYS = {"AP50": 0.50, "AP60": 0.60, "AP70": 0.70, "AP75": 0.75, "AP80": 0.80, "AP90": 0.90}
+
+
+def _ap_at(precision: np.ndarray, iou_thrs: np.ndarray, threshold: float) -> float:
+    """precision: COCOeval ``eval["precision"]`` [T, R, K, A, M]; area "all", maxDets 100."""
+    t = int(np.argmin(np.abs(iou_thrs - threshold)))
+    p = precision[t, :, :, 0, -1]
+    p = p[p > -1]
+    return float(p.mean()) if p.size else float("nan")
+
+
+def coco_metrics(coco_gt: COCO, detections: list[dict]) -> dict[str, float]:
+    """Score COCO-format ``detections`` against ``coco_gt``; all keys of METRIC_KEYS, in percent.
+    No detections at all scores 0 (pycocotools cannot load an empty result list)."""
+    if not detections:
+        return {k: 0.0 for k in METRIC_KEYS}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a lot
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    metrics = {"AP": ev.stats[0], "APs": ev.stats[3], "APm": ev.stats[4], "APl": ev.stats[5]}
+    for key, thr in THRESHOLD_KEYS.items():
+        metrics[key] = _ap_at(ev.eval["precision"], ev.params.iouThrs, thr)
+    # COCOeval uses -1 for "no ground truth in this area range": report 0 rather than -100.
+    return {k: (100.0 * float(metrics[k]) if metrics[k] >= 0 and not math.isnan(metrics[k]) else 0.0)
+            for k in METRIC_KEYS}
+
+
+def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_cat_id: list[int]) -> list[dict]:
+    """Per-image detections (xyxy, contiguous labels) → COCO results (xywh, category ids)."""
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].detach().cpu().double()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, out["scores"].tolist(), out["labels"].tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(label_to_cat_id[label]),
+                            "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)})
+    return results
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_id: list[int],
+            progress: bool = True) -> list[dict]:
+    """Run ``model`` over ``loader`` (yields (images, targets)) → COCO results list."""
+    model.eval()
+    results: list[dict] = []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        outputs = model([img.to(device, non_blocking=True) for img in images])
+        results += to_coco_results(outputs, [t["image_id"] for t in targets], label_to_cat_id)
+    return results
+
+
+def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], inference, device,
+                   num_workers: int = 0, out_dir=None, progress: bool = True) -> dict[str, float]:
+    """Predict on ``dataset`` (a CocoDetection) and score it. With ``out_dir``, writes
+    ``detections.json`` (COCO results) and ``metrics.json`` there."""
+    import json
+    from pathlib import Path
+
+    from ioulab.detector.data.loader import build_eval_loader
+
+    loader = build_eval_loader(dataset, inference.batch_size, num_workers)
+    detections = predict(model, loader, device, label_to_cat_id, progress=progress)
+    metrics = coco_metrics(dataset.coco, detections)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "detections.json").write_text(json.dumps(detections))
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
+    """Rebuild the model of a checkpoint with its stored config plus ``overrides``.
+
+    Only test-time keys (``inference.*``) and data locations may differ from the stored config; a
+    change of ``model.*`` fails with the keys that differ. Returns (model, cfg, dataset_info, device).
+    """
+    from pathlib import Path
+
+    from ioulab.detector import config as C
+    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine.train import resolve_device
+    from ioulab.detector.model import build_model
+
+    path = Path(checkpoint_path)
+    state = ckpt_io.load(path)
+    cfg = C.from_dict(state["config"], source=f"{path} (stored config)")
+    C.apply_overrides(cfg, list(overrides) if not isinstance(overrides, dict) else overrides)
+    ckpt_io.check_compatible(state, cfg, path, prefix="model.")
+    dev = resolve_device(cfg.train.device if device == "auto" else device)
+    info = state["dataset"]
+    model = build_model(cfg.model, info["num_classes"], cfg.inference)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ckpt_io.CheckpointError(f"{path}: weights do not fit the model built from its config: {exc}") from exc
+    return model.to(dev).eval(), cfg, info, dev
+
+
+def evaluate_checkpoint(checkpoint_path, overrides=(), out_dir=None, progress: bool = True):
+    """Evaluate a saved checkpoint on its config's validation split (with ``overrides``).
+    Returns (metrics, cfg)."""
+    from ioulab.detector.engine.datasets import build_datasets
+
+    model, cfg, info, dev = load_trained(checkpoint_path, overrides)
+    _, val_set = build_datasets(cfg.data)
+    metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, dev,
+                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress)
+    return metrics, cfg

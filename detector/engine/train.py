@@ -1,0 +1,205 @@
+"""The single-run trainer: read top to bottom, it is the whole training procedure.
+
+    data → model → SGD with warmup + step LR → iterate (AMP on CUDA) → log → checkpoint → evaluate
+
+Outputs in ``out_dir``: ``config.yaml``, ``checkpoints/model_XXXXXXX.pth`` (atomic), ``log.jsonl``
+(every logged step, kept locally whatever the tracking backend does), ``metrics.json`` and
+``detections.json`` (COCO results on the validation split).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ioulab.detector import config as C
+from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine.datasets import build_datasets
+from ioulab.detector.engine.evaluate import evaluate_model
+from ioulab.detector.engine.events import NullLogger, RunLogger
+from ioulab.detector.data.loader import InfiniteLoader
+from ioulab.detector.model import build_model
+
+# on_checkpoint(iteration, checkpoint path, validation metrics or None)
+CheckpointHook = Callable[[int, Path, "dict[str, float] | None"], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    checkpoint: Path
+    iterations: int
+    seconds_per_iter: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_iterations(cfg: C.TrainConfig, num_images: int) -> int:
+    if cfg.max_iters > 0:
+        return cfg.max_iters
+    return max(1, math.ceil(cfg.epochs * num_images / cfg.batch_size))
+
+
+def lr_factor(cfg: C.TrainConfig, total: int) -> Callable[[int], float]:
+    """Linear warmup from ``warmup_factor``, then ×gamma at each fraction in ``lr_steps``."""
+    steps = [round(f * total) for f in cfg.lr_steps]
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if it < cfg.warmup_iters:
+            alpha = it / cfg.warmup_iters
+            warm = cfg.warmup_factor * (1 - alpha) + alpha
+        return warm * cfg.gamma ** sum(it >= s for s in steps)
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
+    # No weight decay on norm layers and biases (as detectron2's default "norm" weight decay 0).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+
+
+def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None, resume: bool = False,
+          on_checkpoint: CheckpointHook | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into ``out_dir``, evaluate on the validation split, return the metrics.
+
+    ``resume=True`` continues from the newest checkpoint in ``out_dir`` exactly (weights, optimizer,
+    schedule, RNG and data order); the stored config must match ``cfg`` except for ``train.*``
+    bookkeeping keys that do not change the result.
+    """
+    out_dir = Path(out_dir).resolve()
+    ckpt_dir = out_dir / "checkpoints"
+    logger = logger or NullLogger()
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    seed_everything(tcfg.seed)
+
+    train_set, val_set = build_datasets(cfg.data)
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    model = build_model(cfg.model, num_classes, cfg.inference).to(device)
+    optimizer = build_optimizer(model, tcfg)
+    total = total_iterations(tcfg, len(train_set))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tcfg, total))
+    use_amp = tcfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start = 0
+    latest = ckpt_io.latest_checkpoint(ckpt_dir)
+    if resume and latest is not None:
+        state = ckpt_io.load(latest, map_location=device)
+        ckpt_io.check_compatible(state, cfg, latest, prefix="model.")
+        ckpt_io.check_compatible(state, cfg, latest, prefix="data.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state.get("scaler", {})) if use_amp else None
+        ckpt_io.set_rng_state(state["rng"])
+        start = state["iteration"]
+    elif latest is not None:
+        raise ckpt_io.CheckpointError(f"{out_dir} already has checkpoints (newest {latest.name}): "
+                                      "pass --resume to continue it, or choose another --out")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
+    logger.log_params(C.flatten(cfg))
+    dataset_info = {"num_classes": num_classes, "label_to_cat_id": list(train_set.label_to_cat_id),
+                    "class_names": list(train_set.class_names)}
+
+    def save(iteration: int) -> Path:
+        path = ckpt_io.checkpoint_path(ckpt_dir, iteration)
+        ckpt_io.save_atomic({
+            "format": ckpt_io.FORMAT, "iteration": iteration, "config": C.to_dict(cfg),
+            "dataset": dataset_info, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt_io.rng_state(),
+        }, path)
+        ckpt_io.prune(ckpt_dir, tcfg.keep_checkpoints)
+        return path
+
+    batches = InfiniteLoader(train_set, tcfg.batch_size, cfg.data.num_workers, tcfg.seed).iter_from(start)
+    log_file = (out_dir / "log.jsonl").open("a")
+    bar = tqdm(total=total, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    path = latest if start >= total and latest is not None else None
+    metrics: dict[str, float] | None = None
+    t_start, it = time.perf_counter(), start
+    model.train()
+    for it in range(start, total):
+        images, targets = next(batches)
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            terms = model(images, targets)
+        weighted = model.weighted_losses(terms)
+        for name, value in weighted.items():
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(f"iteration {it + 1}: loss term {name!r} is {value.item()} "
+                                         f"(all terms: { {k: round(v.item(), 4) for k, v in terms.items()} })")
+        loss = sum(weighted.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tcfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        step = it + 1
+        if step % tcfg.log_period == 0 or step == total:
+            record = {f"loss/{k.removeprefix('loss_')}": v.item() for k, v in terms.items() if k in weighted}
+            record |= {f"loss/{k.removeprefix('loss_')}_weighted": v.item() for k, v in weighted.items()}
+            record |= {f"stat/{k}": v.item() for k, v in terms.items() if k not in weighted}
+            record |= {"loss/total": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+            logger.log_metrics(record, step)
+            log_file.write(json.dumps({"iteration": step, **record}) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", box=f"{terms['loss_box_reg'].item():.3f}")
+        bar.update(1)
+        if step % tcfg.checkpoint_period == 0 or step == total:
+            path = save(step)
+            metrics = None
+            if tcfg.eval_period > 0 and step % tcfg.eval_period == 0 and step != total:
+                metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference,
+                                         device, num_workers=cfg.data.num_workers, progress=progress)
+                logger.log_metrics(metrics, step)
+                model.train()
+            if on_checkpoint is not None and step != total:
+                on_checkpoint(step, path, metrics)
+    bar.close()
+    log_file.close()
+    seconds_per_iter = (time.perf_counter() - t_start) / max(it + 1 - start, 1)
+
+    metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference, device,
+                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress)
+    logger.log_metrics(metrics, total)
+    for artifact in ("config.yaml", "metrics.json"):
+        logger.log_artifact(out_dir / artifact)
+    if on_checkpoint is not None:
+        on_checkpoint(total, path, metrics)
+    return TrainResult(metrics, path, total, seconds_per_iter)

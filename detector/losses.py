@@ -1,0 +1,133 @@
+"""IoU-family box regression losses: pure functions on matched xyxy pairs.
+
+Shapes: N matched pairs; ``pred``, ``target``: Tensor[N, 4] as (x1, y1, x2, y2).
+Every loss returns ``1 - value`` per pair (Tensor[N] for ``reduction="none"``, a scalar for
+``"mean"`` / ``"sum"``) and is computed in float32 at least: float16 / bfloat16 inputs (e.g.
+boxes decoded under ``torch.autocast``) are cast up first, because ratios of near-equal areas
+lose their meaning in 8 mantissa bits. float64 inputs stay float64 (gradcheck).
+
+Equations (Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287, and Rezatofighi et al.,
+"Generalized IoU", CVPR 2019, arXiv:1902.09630), with eps = 1e-7 in each denominator:
+
+    IoU  = |B ∩ Bg| / |B ∪ Bg|                                        (DIoU paper eq. 1)
+    GIoU = IoU - |C \\ (B ∪ Bg)| / |C|        C: smallest enclosing box (GIoU paper alg. 1)
+    DIoU = IoU - d² / c²                     d: centre distance, c: diagonal of C  (eq. 6)
+    CIoU = DIoU - α·v,  v = 4/π² (atan(wg/hg) - atan(w/h))²                (eqs. 8-10)
+           α = v / ((1 - IoU) + v)   treated as a constant (no gradient), as in the paper
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torchvision.ops import distance_box_iou_loss, generalized_box_iou_loss
+
+__all__ = ["BOX_LOSSES", "ciou_loss", "diou_loss", "giou_loss", "iou_loss", "paired_iou"]
+
+
+def _upcast(boxes: Tensor) -> Tensor:
+    # float16/bfloat16 -> float32; float32/float64 unchanged (same rule as torchvision's losses).
+    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        # An empty batch (no positives) must give 0 with a graph, not NaN.
+        return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def _inter_union(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of matched pairs: Tensor[N] each."""
+    wh = (torch.minimum(pred[..., 2:], target[..., 2:])
+          - torch.maximum(pred[..., :2], target[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
+    area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
+    return inter, area_p + area_t - inter
+
+
+def paired_iou(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
+    """Elementwise IoU of matched pairs, eq. 1: Tensor[N, 4] x2 -> Tensor[N].
+
+    torchvision only has the pairwise N x M ``box_iou``; its diagonal would cost N².
+    Zero-area pairs give 0 (eps in the denominator), not NaN.
+    """
+    pred, target = _upcast(pred), _upcast(target)
+    inter, union = _inter_union(pred, target)
+    return inter / (union + eps)
+
+
+def iou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
+    """1 - IoU (eq. 1). pred, target: Tensor[N, 4] xyxy -> Tensor[N] (or scalar when reduced).
+
+    Zero gradient once the boxes stop overlapping; GIoU/DIoU/CIoU fix that.
+    """
+    return _reduce(1.0 - paired_iou(pred, target, eps), reduction)
+
+
+def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
+    """1 - GIoU, GIoU = IoU - |C minus union| / |C| (GIoU paper, alg. 1).
+
+    pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``generalized_box_iou_loss``
+    computes exactly this (eps in both denominators, half -> float32 upcast), so it is used as is.
+    """
+    return generalized_box_iou_loss(_upcast(pred), _upcast(target), reduction=reduction, eps=eps)
+
+
+def diou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
+    """1 - DIoU, DIoU = IoU - d²/c² (DIoU paper, eq. 6).
+
+    pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``distance_box_iou_loss`` is the
+    same formula with eps added to IoU's and c²'s denominators, so it is used as is.
+    """
+    return distance_box_iou_loss(_upcast(pred), _upcast(target), reduction=reduction, eps=eps)
+
+
+def _aspect_angle(boxes: Tensor, eps: float) -> Tensor:
+    """atan(w / h) in [0, π/2] for Tensor[N, 4] -> Tensor[N], finite value and gradient always.
+
+    atan2(w, h) equals atan(w/h) for h > 0 and, unlike w/h, stays finite at h = 0; eps keeps it
+    away from its one singular point (0, 0), where the gradient is NaN. Sides are clamped at 0:
+    an inverted box has no meaningful angle, and clamp's zero gradient at exactly 0 spares a
+    zero-size box the ~1/eps push the angle would otherwise give it (IoU and distance terms still
+    move it).
+    """
+    w = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
+    h = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    return torch.atan2(w, h + eps)
+
+
+def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
+    """1 - CIoU, CIoU = DIoU - α·v (DIoU paper, eqs. 8-10).
+
+    v = 4/π² (atan(wg/hg) - atan(w/h))², α = v / ((1 - IoU) + v + eps) without gradient.
+    pred, target: Tensor[N, 4] xyxy -> Tensor[N].
+
+    Written here rather than taken from torchvision's ``complete_box_iou_loss``, which ignores
+    ``eps`` in its DIoU part and divides w/h unguarded (NaN for zero-height boxes). The DIoU
+    reference code's α = v / ((1 - IoU) + v) is 0/0 for identical boxes; eps makes it 0.
+    """
+    pred, target = _upcast(pred), _upcast(target)
+    iou = paired_iou(pred, target, eps)
+    # DIoU part from torchvision: same formula and eps handling as in diou_loss above.
+    loss_diou = distance_box_iou_loss(pred, target, reduction="none", eps=eps)
+    v = (4.0 / math.pi**2) * (_aspect_angle(target, eps) - _aspect_angle(pred, eps)).square()
+    with torch.no_grad():
+        alpha = v / ((1.0 - iou) + v + eps)
+    return _reduce(loss_diou + alpha * v, reduction)
+
+
+# The name -> callable table for the config edge only (STYLE.md habit 3).
+BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "iou": iou_loss,
+    "giou": giou_loss,
+    "diou": diou_loss,
+    "ciou": ciou_loss,
+}

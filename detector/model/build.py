@@ -1,0 +1,118 @@
+"""The factory: the only code that reads the model/inference config and picks callables.
+
+``build_model(model_cfg, num_classes, inference_cfg)`` returns a :class:`Detector`;
+``configure_inference(model, inference_cfg)`` re-applies test-time knobs to a trained model without
+touching its weights (eval-only sweeps rely on that).
+"""
+from __future__ import annotations
+
+import functools
+
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, batched_nms
+
+from ioulab.detector import losses, nms
+from ioulab.detector.config import InferenceConfig, ModelConfig
+from ioulab.detector.model.backbone import resnet_fpn, tiny_fpn_backbone
+from ioulab.detector.model.detector import Detector
+from ioulab.detector.model.roi_heads import BoxRegressionLoss, DetectionRoIHeads
+
+FEATURE_MAPS = ["0", "1", "2", "3"]  # P2–P5, the levels RoIs are pooled from
+NUM_LEVELS = len(FEATURE_MAPS) + 1  # + "pool" (P6) for the RPN
+IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# Name → callable tables of the config edge.
+BOX_LOSSES = {"smooth_l1": None, **losses.BOX_LOSSES}
+
+
+def build_backbone(cfg: ModelConfig):
+    b = cfg.backbone
+    if b.name == "tiny":
+        return tiny_fpn_backbone(b.tiny_widths, b.fpn_channels)
+    return resnet_fpn(b.name, b.pretrained, b.trainable_layers, b.fpn_channels)
+
+
+def build_pooler(cfg: ModelConfig):
+    if cfg.roi_pool == "prroi_pool":
+        from ioulab.detector.ops.poolers import MultiScalePrRoIPool  # builds the C++ op on first use
+
+        return MultiScalePrRoIPool(FEATURE_MAPS, cfg.pool_size)
+    return MultiScaleRoIAlign(FEATURE_MAPS, cfg.pool_size, sampling_ratio=2)
+
+
+def build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
+    if len(cfg.anchors.sizes) != NUM_LEVELS:
+        raise ValueError(f"model.anchors.sizes needs {NUM_LEVELS} sizes (one per FPN level), "
+                         f"got {cfg.anchors.sizes}")
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchors.sizes),
+                              (tuple(cfg.anchors.aspect_ratios),) * NUM_LEVELS)
+    r = cfg.rpn
+    return RegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+        pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
+        post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+    )
+
+
+def build_detection_nms(cfg: InferenceConfig):
+    """(boxes, scores, labels) -> keep, per class, for the detection head only."""
+    if cfg.nms.type == "diou":
+        return functools.partial(nms.batched_diou_nms, iou_threshold=cfg.nms.iou_threshold, beta=cfg.nms.beta)
+    return functools.partial(batched_nms, iou_threshold=cfg.nms.iou_threshold)
+
+
+def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
+                    inference: InferenceConfig) -> DetectionRoIHeads:
+    h = cfg.roi_heads
+    box_coder = det_utils.BoxCoder(tuple(h.bbox_reg_weights))
+    box_loss = BoxRegressionLoss(box_coder, BOX_LOSSES[h.box_loss.type],
+                                 proposal_frame=h.box_loss.frame == "proposal",
+                                 smooth_l1_beta=h.box_loss.smooth_l1_beta)
+    heads = DetectionRoIHeads(
+        build_pooler(cfg),
+        TwoMLPHead(channels * cfg.pool_size**2, h.representation_size),
+        FastRCNNPredictor(h.representation_size, num_classes + 1),
+        fg_iou_thresh=h.fg_iou_thresh, bg_iou_thresh=h.bg_iou_thresh,
+        batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
+        bbox_reg_weights=tuple(h.bbox_reg_weights),
+        score_thresh=inference.score_thresh, nms_thresh=inference.nms.iou_threshold,
+        detections_per_img=inference.detections_per_img,
+        box_loss=box_loss, nms=build_detection_nms(inference),
+    )
+    return heads
+
+
+def loss_weights(cfg: ModelConfig) -> dict[str, float]:
+    return {
+        "loss_objectness": 1.0,
+        "loss_rpn_box_reg": 1.0,
+        "loss_classifier": 1.0,
+        "loss_box_reg": cfg.roi_heads.box_loss.weight,
+    }
+
+
+def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig | None = None) -> Detector:
+    """Faster R-CNN for ``num_classes`` foreground classes (background is added)."""
+    inference = inference or InferenceConfig()
+    backbone = build_backbone(cfg)
+    channels = backbone.out_channels
+    transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
+    return Detector(backbone, build_rpn(cfg, channels),
+                    build_roi_heads(cfg, channels, num_classes, inference), transform, loss_weights(cfg))
+
+
+def configure_inference(model: Detector, inference: InferenceConfig) -> Detector:
+    """Apply test-time knobs (score threshold, detections per image, NMS) to a built model."""
+    heads = model.roi_heads
+    heads.score_thresh = inference.score_thresh
+    heads.detections_per_img = inference.detections_per_img
+    heads.nms_thresh = inference.nms.iou_threshold
+    heads.nms = build_detection_nms(inference)
+    return model

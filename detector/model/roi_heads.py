@@ -1,0 +1,132 @@
+"""RoI heads: torchvision's Fast R-CNN head with an injectable box loss and detection NMS.
+
+Shape glossary:
+    N  images in the batch           R  RoIs (proposals) over the batch, Ri per image
+    K  classes including background  P  positive (foreground) RoIs
+    D  detections per image
+
+Why a subclass: torchvision's ``RoIHeads.forward`` hard-wires Smooth-L1 in ``fastrcnn_loss`` and
+``batched_nms`` in ``postprocess_detections``. We keep its proposal matching and sampling
+(``select_training_samples``) and replace the two pieces with callables chosen by the factory.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import boxes as box_ops
+
+from ioulab.detector.losses import paired_iou
+
+# (boxes Tensor[M, 4], scores Tensor[M], labels Tensor[M]) -> keep Tensor[M'] sorted by score
+DetectionNMS = Callable[[Tensor, Tensor, Tensor], Tensor]
+# (pred Tensor[P, 4], target Tensor[P, 4], reduction) -> loss ; xyxy boxes
+PairLoss = Callable[..., Tensor]
+
+
+class BoxRegressionLoss:
+    """Box-head regression loss over positive RoIs, normalised by the number of sampled RoIs.
+
+    ``iou_loss=None`` is Fast R-CNN's Smooth-L1 on the encoded deltas. Otherwise both the predicted
+    deltas and the targets are decoded to boxes and ``iou_loss`` compares them, in the image frame
+    (against the proposals) or, with ``proposal_frame=True``, against a unit box as the DIoU code
+    does (there, distances are measured relative to the proposal's width and height).
+    """
+
+    def __init__(self, box_coder: det_utils.BoxCoder, iou_loss: PairLoss | None,
+                 proposal_frame: bool = False, smooth_l1_beta: float = 1.0 / 9.0):
+        self.box_coder = box_coder
+        self.iou_loss = iou_loss
+        self.proposal_frame = proposal_frame
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def __call__(self, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
+                 proposals: Tensor) -> tuple[Tensor, Tensor]:
+        """box_regression Tensor[R, K*4], labels Tensor[R], regression_targets Tensor[R, 4],
+        proposals Tensor[R, 4] → (loss scalar, mean IoU of the decoded positives, detached)."""
+        pos = torch.where(labels > 0)[0]
+        deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, labels[pos]]  # [P, 4]
+        targets = regression_targets[pos]
+        num_sampled = max(labels.numel(), 1)
+        with torch.no_grad():
+            ref = proposals[pos]
+            mean_iou = paired_iou(self.box_coder.decode_single(deltas, ref),
+                                  self.box_coder.decode_single(targets, ref)).mean() if pos.numel() \
+                else deltas.new_zeros(())
+        if self.iou_loss is None:
+            loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
+            return loss / num_sampled, mean_iou
+        ref = proposals[pos]
+        if self.proposal_frame:
+            ref = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=deltas.dtype, device=deltas.device).expand_as(ref)
+        pred_boxes = self.box_coder.decode_single(deltas, ref)
+        target_boxes = self.box_coder.decode_single(targets, ref)
+        return self.iou_loss(pred_boxes, target_boxes, reduction="sum") / num_sampled, mean_iou
+
+
+class DetectionRoIHeads(RoIHeads):
+    """Fast R-CNN head: proposals → pooled features → (class logits, box deltas) → losses or
+    detections. ``box_loss`` and ``nms`` are callables (see :class:`BoxRegressionLoss`)."""
+
+    def __init__(self, *args, box_loss: BoxRegressionLoss, nms: DetectionNMS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box_loss = box_loss
+        self.nms = nms
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None):
+        """features: FPN maps; proposals: list of Tensor[Ri, 4] per image.
+        Training → ([], losses); inference → (list of {boxes [D,4], scores [D], labels [D]}, {})."""
+        if self.training:
+            return [], self._forward_box_train(features, proposals, image_shapes, targets)
+        return self._forward_box_infer(features, proposals, image_shapes), {}
+
+    def _predict(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        return self.box_predictor(self.box_head(pooled))
+
+    def _forward_box_train(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self._predict(features, proposals, image_shapes)
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        loss_box, mean_iou = self.box_loss(box_regression, labels, regression_targets, torch.cat(proposals))
+        return {
+            "loss_classifier": F.cross_entropy(class_logits, labels),
+            "loss_box_reg": loss_box,
+            "box_iou_pos": mean_iou,  # a statistic, not a loss: the trainer logs it, never sums it
+        }
+
+    def _forward_box_infer(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        class_logits, box_regression = self._predict(features, proposals, image_shapes)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
+                               proposals: list[Tensor], image_shapes: list[tuple[int, int]]):
+        """Per image: decode class-specific boxes, clip, drop background / low scores / tiny boxes,
+        run ``self.nms`` per class and keep the ``detections_per_img`` best.
+        Returns lists (per image) of boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D]."""
+        num_classes = class_logits.shape[-1]
+        counts = [p.shape[0] for p in proposals]
+        all_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        all_scores = F.softmax(class_logits, -1).split(counts)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, shape in zip(all_boxes, all_scores, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)  # drop background
+            labels = torch.arange(1, num_classes, device=boxes.device).expand(scores.shape[0], -1).reshape(-1)
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = self.nms(boxes, scores, labels)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels

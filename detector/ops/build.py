@@ -1,0 +1,188 @@
+"""Build and load the C++/CUDA extension of ioulab's custom ops (PrRoIPool) on first use.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (ninja) into
+``$IOULAB_EXTENSIONS_DIR`` or ``~/.cache/ioulab/extensions/<hash>``, where the hash covers the
+sources, the torch version, the CUDA flag and the compile flags, so a changed source or a new
+torch never picks up a stale binary. The build directory is guarded by the loader's file lock,
+so several processes (e.g. Ray workers) may call :func:`load_extension` at once; within a
+process a lock and a cache make it a one-time cost.
+
+CUDA sources are compiled when ``torch.cuda.is_available()`` or ``IOULAB_BUILD_CUDA=1``.
+
+Command line (the CI compile check of the CUDA kernels, works without a GPU)::
+
+    python -m ioulab.detector.ops.build --cuda     # exits non-zero when the build fails
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE_DIR_NAME = "prroi_pool"
+_CPU_SOURCES = ("prroi_pool.cpp", "prroi_pool_cpu.cpp")
+_CUDA_SOURCES = ("prroi_pool_cuda.cu",)
+_HEADERS = ("prroi_pool.h", "prroi_pool_math.h")
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in the ATen headers; without
+# the flag the extension's loops would silently run on one thread.
+_CXX_FLAGS = ("-O3", "-fopenmp")
+_LD_FLAGS = ("-fopenmp",)
+_NVCC_FLAGS = ("-O3",)
+_DEFAULT_CUDA_ARCH = "9.0"  # one architecture keeps the no-GPU compile check to a few minutes
+
+_lock = threading.Lock()
+_loaded: dict[bool, Path] = {}
+
+
+class ExtensionBuildError(RuntimeError):
+    """The extension failed to compile or load; the message names the build log."""
+
+
+def source_dir() -> Path:
+    """Folder with the PrRoIPool sources: the installed ``ioulab.csrc`` package, else the repo."""
+    candidates: list[Path] = []
+    try:
+        candidates.append(Path(str(importlib.resources.files("ioulab.csrc"))))
+    except (ModuleNotFoundError, NotADirectoryError, TypeError):
+        # Editable installs make ioulab.csrc a namespace package whose path also holds the
+        # editable finder's hook, which importlib.resources (3.11) rejects; read the path instead.
+        spec = importlib.util.find_spec("ioulab.csrc")
+        if spec is not None and spec.submodule_search_locations is not None:
+            candidates += [Path(p) for p in spec.submodule_search_locations]
+    candidates.append(Path(__file__).resolve().parents[2] / "csrc")
+    for base in candidates:
+        if (base / _SOURCE_DIR_NAME / _CPU_SOURCES[0]).is_file():
+            return base / _SOURCE_DIR_NAME
+    raise ExtensionBuildError(f"PrRoIPool sources not found; looked in {[str(c) for c in candidates]}")
+
+
+def cuda_wanted() -> bool:
+    return torch.cuda.is_available() or os.environ.get("IOULAB_BUILD_CUDA", "") == "1"
+
+
+def _cache_root() -> Path:
+    if os.environ.get("IOULAB_EXTENSIONS_DIR"):
+        return Path(os.environ["IOULAB_EXTENSIONS_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ioulab" / "extensions"
+
+
+def build_hash(with_cuda: bool) -> str:
+    """Hash of everything that changes the binary: compiled sources, torch, CUDA flag, flags, archs."""
+    digest = hashlib.sha256()
+    src = source_dir()
+    for name in sorted(_CPU_SOURCES + _HEADERS + (_CUDA_SOURCES if with_cuda else ())):
+        digest.update(name.encode())
+        digest.update((src / name).read_bytes())
+    digest.update(f"torch={torch.__version__};cuda={with_cuda};cuda_version={torch.version.cuda}".encode())
+    digest.update(f"py={sys.version_info[:2]};flags={_CXX_FLAGS}{_LD_FLAGS}{_NVCC_FLAGS}".encode())
+    if with_cuda:
+        digest.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    return digest.hexdigest()[:16]
+
+
+def _prepare_cuda_env() -> None:
+    """Make torch's CUDA build find the right toolkit and architectures.
+
+    torch guesses CUDA_HOME from `which nvcc`; on this machine nvcc is a wrapper in
+    /usr/local/bin, so the guess is /usr/local and the link fails with -lcudart.
+    """
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        if Path("/usr/local/cuda/bin/nvcc").exists():
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    import torch.utils.cpp_extension as cpp_extension
+
+    # cpp_extension reads CUDA_HOME once, at import; keep its copy in step with the environment.
+    if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _DEFAULT_CUDA_ARCH
+
+
+def load_extension(with_cuda: bool | None = None, verbose: bool = False) -> Path:
+    """Compile (once) and load the extension; registers the ``torch.ops.ioulab`` PrRoIPool ops.
+
+    Returns the build directory. Raises :class:`ExtensionBuildError` naming the build log on
+    failure. Only one variant (CPU or CPU+CUDA) can be loaded per process: the ops are
+    registered by name.
+    """
+    with_cuda = cuda_wanted() if with_cuda is None else with_cuda
+    with _lock:
+        if with_cuda in _loaded:
+            return _loaded[with_cuda]
+        if not with_cuda and True in _loaded:  # the CUDA build contains the CPU kernels
+            return _loaded[True]
+        if _loaded:
+            raise ExtensionBuildError(
+                f"the {'CPU' if with_cuda else 'CPU+CUDA'} build of the extension is already "
+                "loaded in this process; the ops cannot be registered twice")
+        if with_cuda:
+            _prepare_cuda_env()
+        build_dir = _build(with_cuda, verbose)
+        _loaded[with_cuda] = build_dir
+        return build_dir
+
+
+def _build(with_cuda: bool, verbose: bool) -> Path:
+    from torch.utils.cpp_extension import load
+
+    src = source_dir()
+    digest = build_hash(with_cuda)
+    build_dir = _cache_root() / digest
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log = build_dir / "build.log"
+    sources = [str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
+    try:
+        load(
+            name=f"ioulab_ops_{digest}",
+            sources=sources,
+            extra_cflags=list(_CXX_FLAGS),
+            extra_ldflags=list(_LD_FLAGS),
+            extra_cuda_cflags=list(_NVCC_FLAGS),
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except (RuntimeError, OSError, ImportError, ValueError) as error:
+        # The loader puts the compiler output into the exception message; keep all of it in a
+        # file and show the tail.
+        text = str(error)
+        log.write_text(f"sources: {sources}\nwith_cuda: {with_cuda}\n"
+                       f"CUDA_HOME: {os.environ.get('CUDA_HOME')}\n"
+                       f"TORCH_CUDA_ARCH_LIST: {os.environ.get('TORCH_CUDA_ARCH_LIST')}\n\n{text}\n")
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise ExtensionBuildError(
+            f"building the PrRoIPool extension ({'CPU+CUDA' if with_cuda else 'CPU'}) failed in "
+            f"{build_dir}.\nFull build log: {log}\nLast lines:\n{tail}") from error
+    log.write_text(f"ok: sources={sources} with_cuda={with_cuda}\n")
+    return build_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuda", action="store_true",
+                        help="compile the CUDA kernels too (needs nvcc, not a GPU)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    with_cuda = args.cuda or cuda_wanted()
+    try:
+        build_dir = load_extension(with_cuda=with_cuda, verbose=args.verbose)
+    except ExtensionBuildError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"PrRoIPool extension ({'CPU+CUDA' if with_cuda else 'CPU'}) built and loaded: {build_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

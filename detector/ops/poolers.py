@@ -1,0 +1,70 @@
+"""Multi-level (FPN) Precise RoI Pooling: a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
+
+Shapes:
+    L levels, C channels, K = sum_i K_i boxes over the batch, PH x PW output bins.
+    x: {name: [N, C, H_l, W_l]}; boxes: list of N tensors [K_i, 4] (x1, y1, x2, y2) in image
+    coordinates; image_shapes: list of N (height, width); output [K, C, PH, PW] in box order.
+
+Scale inference and the level of each box (FPN eq. 1, k = floor(k0 + log2(sqrt(wh) / 224)))
+are torchvision's own helpers, so the level assignment is identical to MultiScaleRoIAlign's.
+Only the pooling differs: PrRoIPool is differentiable in the box coordinates, so
+d(output)/d(boxes) reaches the boxes tensors (needed by the IoUNet refinement).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
+
+from .prroi_pool import prroi_pool
+
+
+def multiscale_prroi_pool(features: list[Tensor], boxes: list[Tensor], output_size: tuple[int, int],
+                          scales: list[float], mapper: LevelMapper, backend: str | None = None) -> Tensor:
+    """Pool each box from its FPN level. features: L tensors [N, C, H_l, W_l] -> [K, C, PH, PW]."""
+    rois = _convert_to_roi_format(boxes)
+    if len(features) == 1:
+        return prroi_pool(features[0], rois, output_size, scales[0], backend)
+    levels = mapper(boxes)
+    pieces, order = [], []
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        members = torch.where(levels == level)[0]
+        pieces.append(prroi_pool(feature, rois[members], output_size, scale, backend).to(features[0].dtype))
+        order.append(members)
+    # Concatenate and undo the grouping by level (differentiable, unlike filling a buffer in place).
+    return torch.cat(pieces)[torch.argsort(torch.cat(order))]
+
+
+class MultiScalePrRoIPool(nn.Module):
+    """Precise RoI Pooling over FPN levels; same constructor knobs and forward as MultiScaleRoIAlign.
+
+    Args:
+        featmap_names: names of the feature maps in ``x`` to pool from (finest first).
+        output_size: PH = PW, or (PH, PW).
+        canonical_scale, canonical_level: FPN eq. 1 (box of canonical_scale^2 px -> that level).
+        backend: PrRoIPool backend ("extension" | "reference" | None, see ``prroi_pool``).
+    """
+
+    def __init__(self, featmap_names: list[str], output_size: int | tuple[int, int],
+                 canonical_scale: int = 224, canonical_level: int = 4, backend: str | None = None):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.backend = backend
+        # Inferred on the first call, like MultiScaleRoIAlign (the FPN strides never change).
+        self.scales: list[float] | None = None
+        self.map_levels: LevelMapper | None = None
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level)
+        return multiscale_prroi_pool(features, boxes, self.output_size, self.scales, self.map_levels,
+                                     self.backend)
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}"

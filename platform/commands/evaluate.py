@@ -1,0 +1,43 @@
+"""`ioulab eval`: evaluate a saved checkpoint (test-time overrides allowed)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ioulab.platform.commands.train import add_tracking_arguments, open_run, print_metrics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a model_XXXXXXX.pth written by ioulab train")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="test-time override, e.g. inference.nms.type=diou (model.* must match)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/eval-<time>)")
+    add_tracking_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from ioulab.detector import config as C
+    from ioulab.detector.engine.evaluate import evaluate_checkpoint
+
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    tracker = open_run(args, out.name, out, {"ioulab.command": "eval", "ioulab.checkpoint":
+                                             str(Path(args.checkpoint).resolve())})
+    status = "FAILED"
+    try:
+        metrics, cfg = evaluate_checkpoint(args.checkpoint, args.overrides, out_dir=out,
+                                           progress=not args.no_progress)
+        (out / "config.yaml").write_text(C.dump_yaml(cfg))
+        if tracker is not None:
+            tracker.log_params(C.flatten(cfg))
+            tracker.log_metrics(metrics, 0)
+            tracker.log_artifact(out / "metrics.json")
+            tracker.log_artifact(out / "config.yaml")
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.close(status)
+    print_metrics(metrics)
+    print(f"outputs: {out}  (metrics.json, detections.json)")
+    return 0

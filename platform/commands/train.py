@@ -1,0 +1,72 @@
+"""`ioulab train`: one training run + evaluation, logged to MLflow."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ioulab.detector import config as C
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE|PRESET",
+                   help=f"YAML file or preset ({', '.join(C.preset_names())}); default: {C.DEFAULT_PRESET}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable (e.g. model.roi_heads.box_loss.type=giou)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/train-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    add_tracking_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
+    """The MLflow run of a CLI command, or None with --no-mlflow."""
+    if args.no_mlflow:
+        return None
+    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri
+
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    return MlflowRun(uri, args.experiment, run_name=run_name, tags=tags,
+                     find_tag=("ioulab.run_dir", str(out)) if getattr(args, "resume", False) else None,
+                     spool=out / "mlflow_pending.jsonl")
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+
+
+def run(args) -> int:
+    from ioulab.detector.engine.datasets import absolutize
+    from ioulab.detector.engine.train import train
+
+    cfg = C.load_config(args.config, args.overrides)
+    absolutize(cfg.data)
+    out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    tracker = open_run(args, out.name, out, {"ioulab.run_dir": str(out), "ioulab.command": "train",
+                                             "ioulab.config": str(args.config or C.DEFAULT_PRESET)})
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        result = train(cfg, out, logger=tracker, resume=args.resume, progress=not args.no_progress)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.close(status)
+    wall = time.perf_counter() - t0
+    (out / "timing.json").write_text(json.dumps({"wall_seconds": wall, "iterations": result.iterations,
+                                                 "seconds_per_iter": result.seconds_per_iter}, indent=2))
+    print(f"\ntrained {result.iterations} iterations in {wall:.0f} s ({result.seconds_per_iter:.2f} s/iter)")
+    print_metrics(result.metrics)
+    print(f"outputs:    {out}  (metrics.json, detections.json, checkpoints/)")
+    if tracker is not None:
+        print(f"MLflow run: {tracker.run_id} in {tracker.tracking_uri}")
+        print(f"  UI: mlflow ui --backend-store-uri {tracker.tracking_uri}   then open http://127.0.0.1:5000")
+    return 0
