@@ -107,11 +107,37 @@ class RoIHeadsConfig:
 
 
 @dataclass
+class RoIGeneratorConfig:
+    """IoU-balanced jittered RoIs that train the IoU head (not RPN proposals). ``strategy``:
+    per_iou (``per_iou`` jitters per IoU bin per GT, at most ``max_per_img``) | per_img
+    (``per_img`` RoIs per image spread evenly over bins and GTs)."""
+
+    strategy: str = "per_img"
+    per_iou: int = 30
+    per_img: int = 1000
+    max_per_img: int = 1000
+    table_cap: int = 4000  # jitters kept per IoU bin of the (computed once) table
+    seed: int = 0  # of the table; sampling from it uses the training RNG
+
+
+@dataclass
+class IoUHeadConfig:
+    """IoUNet's class-aware IoU head on PrRoIPool features. ``loss``: smooth_l1 | bce."""
+
+    enabled: bool = False
+    loss: str = "smooth_l1"
+    loss_weight: float = 5.0
+    representation_size: int = 1024
+    roi_generator: RoIGeneratorConfig = field(default_factory=RoIGeneratorConfig)
+
+
+@dataclass
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    iou_head: IoUHeadConfig = field(default_factory=IoUHeadConfig)
     roi_pool: str = "roi_align"  # roi_align | prroi_pool
     pool_size: int = 7
     min_size: int = 800
@@ -151,13 +177,38 @@ class NMSConfig:
 
 
 @dataclass
+class IoUNMSConfig:
+    """IoU-guided NMS: rank by predicted IoU (``iou``) or IoU × class score (``iou_x_score``)."""
+
+    rank: str = "iou"
+    iou_threshold: float = 0.5
+
+
+@dataclass
+class RefineConfig:
+    """Optimization-based refinement: gradient ascent on the predicted IoU w.r.t. the box."""
+
+    lam: float = 0.5  # step λ, scaled by box width/height
+    steps: int = 5  # T
+    omega1: float = 0.001  # stop when |ΔIoU| < omega1
+    omega2: float = -0.01  # stop when ΔIoU < omega2
+
+
+@dataclass
 class InferenceConfig:
-    """Test-time knobs: they change no weights, so a grid over them reuses one checkpoint."""
+    """Test-time knobs: they change no weights, so a grid over them reuses one checkpoint.
+
+    ``mode``: baseline (box head + ``nms``; IoU head unused) | iou_nms (IoU-guided NMS) |
+    iou_regular_nms (IoU predicted, then ``nms``: the speed control row) | refine (IoU-guided NMS,
+    then refinement; final score = class score × IoU)."""
 
     score_thresh: float = 0.05
     detections_per_img: int = 100
     batch_size: int = 8
     nms: NMSConfig = field(default_factory=NMSConfig)
+    mode: str = "baseline"
+    iou_nms: IoUNMSConfig = field(default_factory=IoUNMSConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 @dataclass
@@ -175,6 +226,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.roi_heads.box_loss.type": ("smooth_l1", "iou", "giou", "diou", "ciou"),
     "model.roi_heads.box_loss.frame": ("image", "proposal"),
     "inference.nms.type": ("greedy", "diou"),
+    "model.iou_head.loss": ("smooth_l1", "bce"),
+    "model.iou_head.roi_generator.strategy": ("per_iou", "per_img"),
+    "inference.mode": ("baseline", "iou_nms", "iou_regular_nms", "refine"),
+    "inference.iou_nms.rank": ("iou", "iou_x_score"),
 }
 
 DEFAULT_PRESET = "cpu_tiny"
@@ -354,6 +409,17 @@ def load_config(spec: str | None = None, overrides: Mapping[str, Any] | list[str
         _apply_nested(cfg, _read_yaml(base_text, f"preset {base}"), f"preset {base}")
     _apply_nested(cfg, data, source)
     apply_overrides(cfg, overrides if isinstance(overrides, list) else dict(overrides))
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Checks that involve several keys (single keys are checked on assignment)."""
+    if cfg.inference.mode != "baseline" and not cfg.model.iou_head.enabled:
+        raise ConfigError(f"{source}: inference.mode={cfg.inference.mode} needs an IoU head "
+                          "(model.iou_head.enabled=true)")
+    if cfg.inference.refine.steps < 0:
+        raise ConfigError(f"{source}: inference.refine.steps must be >= 0")
     return cfg
 
 
@@ -381,6 +447,6 @@ def clone(cfg: Config) -> Config:
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "TrainConfig", "InferenceConfig", "NMSConfig",
     "BackboneConfig", "AnchorConfig", "RPNConfig", "RoIHeadsConfig", "BoxLossConfig", "SynthConfig",
-    "ConfigError", "CHOICES", "load_config", "apply_overrides", "set_value", "parse_override",
+    "ConfigError", "CHOICES", "load_config", "validate", "apply_overrides", "set_value", "parse_override",
     "flatten", "to_dict", "from_dict", "dump_yaml", "diff", "clone", "valid_keys", "preset_names",
 ]

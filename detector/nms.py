@@ -28,9 +28,10 @@ from torch import Tensor
 
 __all__ = ["batched_diou_nms", "batched_iou_guided_nms", "diou_nms", "iou_guided_nms"]
 
-# Pairs whose IoU is computed at once: bounds the temporaries (~1 MB) and keeps each elementwise
-# op at ATen's parallel grain (32768), so no thread-pool wake-up per op on a busy machine.
-_CHUNK_PAIRS = 1 << 15
+# Pairs whose IoU is computed at once: bounds the temporaries (~100 kB each) and keeps every op
+# below ATen's parallel grain (32768 elements): on a busy 2-core machine one multi-threaded op
+# waits milliseconds for the other core (measured: 3 ms per op, 100x the op itself).
+_CHUNK_PAIRS = 1 << 14
 # The sweep's bound is loosened by 1% of t·w_a so float rounding in the IoU cannot make the
 # bound drop a pair whose computed IoU is just above t.
 _SWEEP_SLACK = 0.99
@@ -50,39 +51,76 @@ def _empty_keep(boxes: Tensor) -> Tensor:
     return torch.empty(0, dtype=torch.int64, device=boxes.device)
 
 
-def _sweep_counts(x1: Tensor, x2: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """For boxes sorted by (group, x1): how many successors can still overlap enough.
+def _sweep(boxes: Tensor, labels: Tensor | None, iou_threshold: float) -> tuple[Tensor, Tensor]:
+    """Sort boxes by (label, x1) and count each box's candidate successors (step 1).
 
-    x1, x2, groups: Tensor[N] (groups dense 0..G-1, non-decreasing) -> Tensor[N] int64.
-    Keys are made exact integers (x1 -> its rank among all x1) so the group offset cannot eat
-    the precision of large coordinates.
+    boxes: Tensor[N, 4]; labels: Tensor[N] or None. Returns order: Tensor[N] int64 (the sort)
+    and counts: Tensor[N] int64 (per sorted position: how many of the next boxes to pair with).
+
+    One merged sort of the N x1 values and the N bounds does both: a bound's position among the
+    sorted x1 values is one past its last candidate. Keys precede bounds at equal values (both
+    stable sorts), so "x1 <= bound" is exact, and no float offset separates the labels.
+    (A merge by sorting, not ``searchsorted``: that op goes multi-threaded from 200 queries on;
+    see _CHUNK_PAIRS.)
     """
-    n = x1.numel()
+    n = boxes.shape[0]
+    x1, x2 = boxes[:, 0], boxes[:, 2]
     if iou_threshold >= 0:
         bound = x2 - (_SWEEP_SLACK * iou_threshold) * (x2 - x1)
-    else:  # IoU 0 already beats a negative threshold: every same-group successor is a candidate.
+    else:  # IoU 0 already beats a negative threshold: every same-label successor is a candidate.
         bound = torch.full_like(x2, float("inf"))
-    sorted_x1 = x1.sort().values
-    offset = groups * (n + 1)
-    key = offset + torch.searchsorted(sorted_x1, x1, right=True)
-    limit = offset + torch.searchsorted(sorted_x1, bound, right=True)
-    end = torch.searchsorted(key, limit, right=True)  # one past the last candidate successor
-    return (end - torch.arange(1, n + 1, device=x1.device)).clamp_(min=0)
+    merged = torch.cat([x1, bound]).argsort(stable=True)
+    if labels is not None:
+        merged = _take(merged, _take(torch.cat([labels, labels]), merged).argsort(stable=True))
+    is_key = merged < n
+    order = merged[is_key]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n, device=order.device)
+    end = torch.empty_like(order)
+    end[_take(position, merged[~is_key] - n)] = is_key.cumsum(0)[~is_key]
+    return order, (end - torch.arange(1, n + 1, device=end.device)).clamp_(min=0)
 
 
-def _chunk_pairs_iou(cols: Tensor, area: Tensor, counts: Tensor, start: int, stop: int,
-                     iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """IoU of rows start..stop-1 with their next counts[row] boxes; keep pairs with IoU > t.
+def _pair_slots(counts: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """Rows start.. paired with their next counts[r] sorted positions: a, b: Tensor[P] (a < b).
 
-    cols: Tensor[4, N] sorted boxes as columns; area: Tensor[N]; counts: Tensor[N].
-    Returns a, b: Tensor[Q] int64 sorted positions (a < b) and iou: Tensor[Q].
+    counts: Tensor[R] int64 (one chunk of rows). Same as repeat_interleave plus an arange, but
+    that op goes multi-threaded from a few hundred rows on (see _CHUNK_PAIRS).
     """
-    cnt = counts[start:stop]
-    rows = torch.arange(start, stop, device=cols.device)
-    a = torch.repeat_interleave(rows, cnt)
-    # b runs a+1, a+2, ... within each row: arange minus the row's first pair slot, plus a+1.
-    shift = rows + 1 - (cnt.cumsum(0) - cnt)
-    b = torch.arange(a.numel(), device=cols.device) + torch.repeat_interleave(shift, cnt)
+    first = counts.cumsum(0) - counts  # each row's first pair slot
+    num_pairs = int(first[-1] + counts[-1])
+    marks = torch.zeros(num_pairs + 1, dtype=torch.int64, device=counts.device)
+    marks.index_add_(0, first, torch.ones_like(first))
+    row = marks.cumsum_(0)[:num_pairs] - 1
+    a = row + start
+    # b runs a+1, a+2, ... within each row.
+    b = torch.arange(1, num_pairs + 1, device=counts.device).sub_(_take(first, row)).add_(a)
+    return a, b
+
+
+def _center_distance_ratio(box_a: list[Tensor], box_b: list[Tensor], eps: float = 1e-7) -> Tensor:
+    """d²/c²: squared centre distance over squared enclosing-box diagonal, per pair.
+
+    box_a, box_b: [x1, y1, x2, y2], each Tensor[Q] -> Tensor[Q] in [0, 1]. eps keeps two
+    coincident points at 0 instead of 0/0.
+    """
+    x1a, y1a, x2a, y2a = box_a
+    x1b, y1b, x2b, y2b = box_b
+    d2 = (x1a + x2a - x1b - x2b).square_().add_((y1a + y2a - y1b - y2b).square_()).mul_(0.25)
+    cw = torch.maximum(x2a, x2b).sub_(torch.minimum(x1a, x1b))
+    ch = torch.maximum(y2a, y2b).sub_(torch.minimum(y1a, y1b))
+    return d2.div_(cw.square_().add_(ch.square_()).add_(eps))
+
+
+def _chunk_suppressions(cols: Tensor, area: Tensor, ranks: Tensor, counts: Tensor, start: int,
+                        iou_threshold: float, beta: float | None) -> tuple[Tensor, Tensor]:
+    """Suppressing pairs among one chunk of rows of the sweep (steps 1-2 of the module doc).
+
+    cols: Tensor[4, N] boxes sorted by the sweep, as columns; area, ranks: Tensor[N] in that
+    order; counts: Tensor[R] for rows start..start+R-1. beta None: criterion IoU (IoU-guided NMS);
+    otherwise IoU - (d²/c²)^β (DIoU-NMS). Returns src, dst: Tensor[Q] rank positions, src < dst.
+    """
+    a, b = _pair_slots(counts, start)
     x1, y1, x2, y2 = cols
     # x1[b] >= x1[a] by the sort, so max(x1[a], x1[b]) = x1[b].
     iw = torch.minimum(_take(x2, a), _take(x2, b)).sub_(_take(x1, b)).clamp_(min=0)
@@ -90,57 +128,43 @@ def _chunk_pairs_iou(cols: Tensor, area: Tensor, counts: Tensor, start: int, sto
         torch.maximum(_take(y1, a), _take(y1, b))).clamp_(min=0)
     inter = iw.mul_(ih)
     iou = inter / _take(area, a).add_(_take(area, b)).sub_(inter)
+    # (d²/c²)^β >= 0, so IoU > t is necessary for DIoU too: the distance only for those.
     hit = (iou > iou_threshold).nonzero().squeeze(1)
-    return _take(a, hit), _take(b, hit), _take(iou, hit)
+    a, b = _take(a, hit), _take(b, hit)
+    if beta is not None:
+        ratio = _center_distance_ratio([_take(c, a) for c in cols], [_take(c, b) for c in cols])
+        if beta != 1.0:
+            ratio = ratio.pow_(beta)
+        hit = (_take(iou, hit).sub_(ratio) > iou_threshold).nonzero().squeeze(1)
+        a, b = _take(a, hit), _take(b, hit)
+    ra, rb = _take(ranks, a), _take(ranks, b)
+    return torch.minimum(ra, rb), torch.maximum(ra, rb)
 
 
-def _overlapping_pairs(boxes: Tensor, labels: Tensor | None,
-                       iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Every pair of boxes with the same label and IoU > iou_threshold, each pair once.
+def _suppressions(boxes: Tensor, labels: Tensor | None, order: Tensor, iou_threshold: float,
+                  beta: float | None) -> tuple[Tensor, Tensor]:
+    """Every same-label pair whose criterion exceeds iou_threshold, each pair once.
 
-    boxes: Tensor[N, 4] float; labels: Tensor[N] int or None (one class).
-    Returns a, b: Tensor[Q] int64 indices into ``boxes`` (unordered) and their IoU: Tensor[Q].
-    Zero-area pairs have IoU NaN and are never returned (as in torchvision's nms).
+    boxes: Tensor[N, 4] float; labels: Tensor[N] int or None (one class); order: Tensor[N] the
+    processing order (best first). beta: see _chunk_suppressions.
+    Returns src, dst: Tensor[Q] rank positions (src < dst: src would suppress dst).
+    Zero-area pairs have IoU NaN and never suppress (as in torchvision's nms).
     """
-    order = boxes[:, 0].argsort(stable=True)
-    if labels is None:
-        groups = torch.zeros_like(order)
-    else:
-        order = order[labels[order].argsort(stable=True)]
-        lab = labels[order]
-        groups = torch.cat([lab.new_zeros(1), (lab[1:] != lab[:-1]).cumsum(0)])
-    cols = boxes[order].t().contiguous()
-    counts = _sweep_counts(cols[0], cols[2], groups, iou_threshold)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    sweep, counts = _sweep(boxes, labels, iou_threshold)
+    cols = _take(boxes, sweep).t().contiguous()
     area = (cols[2] - cols[0]) * (cols[3] - cols[1])
+    ranks = _take(rank, sweep)
     # Split rows into chunks of about _CHUNK_PAIRS pairs each.
     cum = counts.cumsum(0)
     marks = torch.arange(_CHUNK_PAIRS, max(int(cum[-1]), _CHUNK_PAIRS), _CHUNK_PAIRS,
                          device=cum.device)
-    bounds = [0, *torch.searchsorted(cum, marks, right=True).tolist(), counts.numel()]
-    parts = [_chunk_pairs_iou(cols, area, counts, lo, hi, iou_threshold)
-             for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    a, b, iou = (torch.cat(p) for p in zip(*parts))
-    return _take(order, a), _take(order, b), iou
-
-
-def _center_distance_ratio(boxes: Tensor, a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
-    """d²/c² per pair: centre distance over enclosing-box diagonal, squared.
-
-    boxes: Tensor[N, 4]; a, b: Tensor[Q] indices -> Tensor[Q] in [0, 1]. eps keeps two
-    coincident points at 0 instead of 0/0.
-    """
-    pa, pb = _take(boxes, a), _take(boxes, b)
-    d2 = ((pa[:, :2] + pa[:, 2:]) - (pb[:, :2] + pb[:, 2:])).square_().sum(1).mul_(0.25)
-    c2 = (torch.maximum(pa[:, 2:], pb[:, 2:]) - torch.minimum(pa[:, :2], pb[:, :2])).square_().sum(1)
-    return d2.div_(c2.add_(eps))
-
-
-def _oriented(order: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairs of box indices -> (better rank, worse rank), both Tensor[Q] rank positions."""
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    ra, rb = _take(rank, a), _take(rank, b)
-    return torch.minimum(ra, rb), torch.maximum(ra, rb)
+    cuts = [0, *torch.searchsorted(cum, marks, right=True).tolist(), counts.numel()]
+    parts = [_chunk_suppressions(cols, area, ranks, counts[lo:hi], lo, iou_threshold, beta)
+             for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
+    src, dst = zip(*parts)
+    return torch.cat(src), torch.cat(dst)
 
 
 def _greedy_keep(num: int, src: Tensor, dst: Tensor) -> Tensor:
@@ -165,13 +189,8 @@ def _diou_nms(boxes: Tensor, scores: Tensor, labels: Tensor | None, iou_threshol
         return _empty_keep(boxes)
     boxes = _upcast(boxes)
     order = scores.argsort(descending=True, stable=True)
-    a, b, iou = _overlapping_pairs(boxes, labels, iou_threshold)
-    ratio = _center_distance_ratio(boxes, a, b)
-    if beta != 1.0:
-        ratio = ratio.pow_(beta)
-    hit = (iou - ratio > iou_threshold).nonzero().squeeze(1)
-    src, dst = _oriented(order, _take(a, hit), _take(b, hit))
-    return order[_greedy_keep(order.numel(), src, dst)]
+    src, dst = _suppressions(_upcast(boxes), labels, order, iou_threshold, beta)
+    return _take(order, _greedy_keep(order.numel(), src, dst).nonzero().squeeze(1))
 
 
 def diou_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, beta: float = 1.0) -> Tensor:
@@ -208,8 +227,7 @@ def _iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, labels: Tensor 
     if boxes.numel() == 0:
         return _empty_keep(boxes), scores.new_empty(0)
     order = key.argsort(descending=True, stable=True)
-    a, b, _ = _overlapping_pairs(_upcast(boxes), labels, iou_threshold)
-    src, dst = _oriented(order, a, b)
+    src, dst = _suppressions(_upcast(boxes), labels, order, iou_threshold, None)
     num = order.numel()
     keep = _greedy_keep(num, src, dst)
     # The greedy loop removes a box with the first kept box that overlaps it: its best-ranked

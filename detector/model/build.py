@@ -19,7 +19,10 @@ from ioulab.detector import losses, nms
 from ioulab.detector.config import InferenceConfig, ModelConfig
 from ioulab.detector.model.backbone import resnet_fpn, tiny_fpn_backbone
 from ioulab.detector.model.detector import Detector
-from ioulab.detector.model.roi_heads import BoxRegressionLoss, DetectionRoIHeads
+from ioulab.detector.model.iou_head import IOU_LOSSES, IoUHead
+from ioulab.detector.model.postprocess import build_postprocess
+from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator, build_table
+from ioulab.detector.model.roi_heads import BoxRegressionLoss, DetectionRoIHeads, IoUPredictor
 
 FEATURE_MAPS = ["0", "1", "2", "3"]  # P2–P5, the levels RoIs are pooled from
 NUM_LEVELS = len(FEATURE_MAPS) + 1  # + "pool" (P6) for the RPN
@@ -36,8 +39,8 @@ def build_backbone(cfg: ModelConfig):
     return resnet_fpn(b.name, b.pretrained, b.trainable_layers, b.fpn_channels)
 
 
-def build_pooler(cfg: ModelConfig):
-    if cfg.roi_pool == "prroi_pool":
+def build_pooler(cfg: ModelConfig, kind: str | None = None):
+    if (kind or cfg.roi_pool) == "prroi_pool":
         from ioulab.detector.ops.poolers import MultiScalePrRoIPool  # builds the C++ op on first use
 
         return MultiScalePrRoIPool(FEATURE_MAPS, cfg.pool_size)
@@ -68,6 +71,29 @@ def build_detection_nms(cfg: InferenceConfig):
     return functools.partial(batched_nms, iou_threshold=cfg.nms.iou_threshold)
 
 
+@functools.lru_cache(maxsize=4)
+def _jitter_table(cap: int, seed: int):
+    return build_table(cap, seed)  # a few seconds: computed once per process
+
+
+def build_iou_predictor(cfg: ModelConfig, channels: int, num_classes: int) -> IoUPredictor:
+    """IoUNet's branch. Always PrRoIPool: refinement needs gradients w.r.t. box coordinates."""
+    h, g = cfg.iou_head, cfg.iou_head.roi_generator
+    generator = IoUBalancedRoIGenerator(
+        _jitter_table(g.table_cap, g.seed),
+        per_bin_per_gt=g.per_iou if g.strategy == "per_iou" else None,
+        per_img=g.per_img if g.strategy == "per_img" else None, max_per_img=g.max_per_img)
+    return IoUPredictor(build_pooler(cfg, "prroi_pool"),
+                        IoUHead(channels, cfg.pool_size, h.representation_size, num_classes),
+                        IOU_LOSSES[h.loss], generator)
+
+
+def build_postprocess_for(inference: InferenceConfig):
+    r = inference.refine
+    return build_postprocess(inference.mode, inference.iou_nms.rank, inference.iou_nms.iou_threshold,
+                             r.lam, r.steps, r.omega1, r.omega2)
+
+
 def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
                     inference: InferenceConfig) -> DetectionRoIHeads:
     h = cfg.roi_heads
@@ -85,6 +111,8 @@ def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
         score_thresh=inference.score_thresh, nms_thresh=inference.nms.iou_threshold,
         detections_per_img=inference.detections_per_img,
         box_loss=box_loss, nms=build_detection_nms(inference),
+        postprocess=build_postprocess_for(inference) if cfg.iou_head.enabled else None,
+        iou_predictor=build_iou_predictor(cfg, channels, num_classes) if cfg.iou_head.enabled else None,
     )
     return heads
 
@@ -95,12 +123,15 @@ def loss_weights(cfg: ModelConfig) -> dict[str, float]:
         "loss_rpn_box_reg": 1.0,
         "loss_classifier": 1.0,
         "loss_box_reg": cfg.roi_heads.box_loss.weight,
+        **({"loss_iou": cfg.iou_head.loss_weight} if cfg.iou_head.enabled else {}),
     }
 
 
 def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig | None = None) -> Detector:
     """Faster R-CNN for ``num_classes`` foreground classes (background is added)."""
     inference = inference or InferenceConfig()
+    if inference.mode != "baseline" and not cfg.iou_head.enabled:
+        raise ValueError(f"inference.mode={inference.mode} needs model.iou_head.enabled=true")
     backbone = build_backbone(cfg)
     channels = backbone.out_channels
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
@@ -115,4 +146,8 @@ def configure_inference(model: Detector, inference: InferenceConfig) -> Detector
     heads.detections_per_img = inference.detections_per_img
     heads.nms_thresh = inference.nms.iou_threshold
     heads.nms = build_detection_nms(inference)
+    if heads.iou_predictor is not None:
+        heads.postprocess = build_postprocess_for(inference)
+    elif inference.mode != "baseline":
+        raise ValueError(f"inference.mode={inference.mode} needs a model trained with an IoU head")
     return model

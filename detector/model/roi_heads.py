@@ -21,6 +21,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from ioulab.detector.losses import paired_iou
+from ioulab.detector.model.iou_head import IoUHead, IoULoss, select_class
+from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator
 
 # (boxes Tensor[M, 4], scores Tensor[M], labels Tensor[M]) -> keep Tensor[M'] sorted by score
 DetectionNMS = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -68,21 +70,58 @@ class BoxRegressionLoss:
         return self.iou_loss(pred_boxes, target_boxes, reduction="sum") / num_sampled, mean_iou
 
 
+class IoUPredictor(torch.nn.Module):
+    """IoUNet's branch: PrRoIPool on the FPN maps → :class:`IoUHead` → IoU of each box for its
+    class. Trained on IoU-balanced jittered RoIs (``generator``), not on proposals."""
+
+    def __init__(self, pooler: torch.nn.Module, head: IoUHead, loss: IoULoss,
+                 generator: IoUBalancedRoIGenerator):
+        super().__init__()
+        self.pooler = pooler
+        self.head = head
+        self.loss = loss
+        self.generator = generator
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], labels: Tensor,
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        """boxes: per image Tensor[Ri, 4]; labels Tensor[R] (1..K) → decoded IoU Tensor[R]."""
+        return self.loss.decode(self._raw(features, boxes, labels, image_shapes))
+
+    def _raw(self, features, boxes, labels, image_shapes) -> Tensor:
+        return select_class(self.head(self.pooler(features, boxes, image_shapes)), labels)
+
+    def training_loss(self, features, targets, image_shapes) -> tuple[Tensor, Tensor]:
+        """(IoU loss averaged over the generated RoIs, their mean target IoU)."""
+        rois, ious, labels = zip(*(self.generator(t["boxes"], t["labels"], shape)
+                                   for t, shape in zip(targets, image_shapes)))
+        target = torch.cat(ious)
+        raw = self._raw(features, list(rois), torch.cat(labels), image_shapes)
+        return self.loss(raw, target), target.mean() if target.numel() else target.new_zeros(())
+
+
 class DetectionRoIHeads(RoIHeads):
     """Fast R-CNN head: proposals → pooled features → (class logits, box deltas) → losses or
-    detections. ``box_loss`` and ``nms`` are callables (see :class:`BoxRegressionLoss`)."""
+    detections; optionally IoUNet's IoU branch. ``box_loss``, ``nms`` and ``postprocess`` are
+    callables chosen by the factory (see :class:`BoxRegressionLoss`, ``postprocess.py``)."""
 
-    def __init__(self, *args, box_loss: BoxRegressionLoss, nms: DetectionNMS, **kwargs):
+    def __init__(self, *args, box_loss: BoxRegressionLoss, nms: DetectionNMS,
+                 postprocess: Callable | None = None, iou_predictor: IoUPredictor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.box_loss = box_loss
         self.nms = nms
+        self.postprocess = postprocess
+        self.iou_predictor = iou_predictor
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None):
         """features: FPN maps; proposals: list of Tensor[Ri, 4] per image.
         Training → ([], losses); inference → (list of {boxes [D,4], scores [D], labels [D]}, {})."""
         if self.training:
-            return [], self._forward_box_train(features, proposals, image_shapes, targets)
+            losses = self._forward_box_train(features, proposals, image_shapes, targets)
+            if self.iou_predictor is not None:
+                losses["loss_iou"], losses["iou_target_mean"] = self.iou_predictor.training_loss(
+                    features, targets, image_shapes)
+            return [], losses
         return self._forward_box_infer(features, proposals, image_shapes), {}
 
     def _predict(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
@@ -104,19 +143,21 @@ class DetectionRoIHeads(RoIHeads):
 
     def _forward_box_infer(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
         class_logits, box_regression = self._predict(features, proposals, image_shapes)
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+        if self.postprocess is None:  # plain Faster R-CNN
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+        candidates = self.candidates(class_logits, box_regression, proposals, image_shapes)
+        return self.postprocess(self, candidates, features, image_shapes)
 
-    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
-                               proposals: list[Tensor], image_shapes: list[tuple[int, int]]):
-        """Per image: decode class-specific boxes, clip, drop background / low scores / tiny boxes,
-        run ``self.nms`` per class and keep the ``detections_per_img`` best.
-        Returns lists (per image) of boxes Tensor[D, 4], scores Tensor[D], labels Tensor[D]."""
+    def candidates(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                   image_shapes: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per image, the class-specific boxes before NMS: decoded, clipped, without background,
+        low scores and tiny boxes → list of (boxes Tensor[M, 4], scores Tensor[M], labels Tensor[M])."""
         num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
         all_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
         all_scores = F.softmax(class_logits, -1).split(counts)
-        out_boxes, out_scores, out_labels = [], [], []
+        out = []
         for boxes, scores, shape in zip(all_boxes, all_scores, image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)  # drop background
             labels = torch.arange(1, num_classes, device=boxes.device).expand(scores.shape[0], -1).reshape(-1)
@@ -124,7 +165,15 @@ class DetectionRoIHeads(RoIHeads):
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            out.append((boxes[keep], scores[keep], labels[keep]))
+        return out
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
+                               proposals: list[Tensor], image_shapes: list[tuple[int, int]]):
+        """torchvision's contract: lists (per image) of boxes Tensor[D, 4], scores Tensor[D],
+        labels Tensor[D] after ``self.nms`` per class and the ``detections_per_img`` best."""
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, labels in self.candidates(class_logits, box_regression, proposals, image_shapes):
             keep = self.nms(boxes, scores, labels)[: self.detections_per_img]
             out_boxes.append(boxes[keep])
             out_scores.append(scores[keep])

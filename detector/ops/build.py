@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import importlib.resources
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -97,8 +98,7 @@ def _prepare_cuda_env() -> None:
     if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         if Path("/usr/local/cuda/bin/nvcc").exists():
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    import torch.utils.cpp_extension as cpp_extension
-
+    cpp_extension = _cpp_extension()
     # cpp_extension reads CUDA_HOME once, at import; keep its copy in step with the environment.
     if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
@@ -130,23 +130,49 @@ def load_extension(with_cuda: bool | None = None, verbose: bool = False) -> Path
         return build_dir
 
 
-def _build(with_cuda: bool, verbose: bool) -> Path:
-    from torch.utils.cpp_extension import load
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its import-time CUDA_HOME warning.
 
+    The module logs "No CUDA runtime is found, using CUDA_HOME=..." when imported on a machine
+    with nvcc but no GPU; for a CPU build that is noise in every (Ray worker) process.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _build(with_cuda: bool, verbose: bool) -> Path:
     src = source_dir()
     digest = build_hash(with_cuda)
+    sources = [src / s for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
     build_dir = _cache_root() / digest
+    compile_and_load(f"ioulab_ops_{digest}", sources, build_dir, with_cuda, verbose)
+    return build_dir
+
+
+def compile_and_load(name: str, sources: list[Path], build_dir: Path, with_cuda: bool,
+                     verbose: bool = False) -> None:
+    """Compile `sources` into `build_dir` with ninja (if not up to date) and load the library.
+
+    Raises ExtensionBuildError with the tail of the compiler output and the path of the full
+    log (`build_dir/build.log`).
+    """
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
-    sources = [str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
+    include_dirs = sorted({str(Path(s).parent) for s in sources})
     try:
-        load(
-            name=f"ioulab_ops_{digest}",
-            sources=sources,
+        _cpp_extension().load(
+            name=name,
+            sources=[str(s) for s in sources],
             extra_cflags=list(_CXX_FLAGS),
             extra_ldflags=list(_LD_FLAGS),
             extra_cuda_cflags=list(_NVCC_FLAGS),
-            extra_include_paths=[str(src)],
+            extra_include_paths=include_dirs,
             build_directory=str(build_dir),
             with_cuda=with_cuda,
             is_python_module=False,
@@ -156,15 +182,14 @@ def _build(with_cuda: bool, verbose: bool) -> Path:
         # The loader puts the compiler output into the exception message; keep all of it in a
         # file and show the tail.
         text = str(error)
-        log.write_text(f"sources: {sources}\nwith_cuda: {with_cuda}\n"
+        log.write_text(f"sources: {[str(s) for s in sources]}\nwith_cuda: {with_cuda}\n"
                        f"CUDA_HOME: {os.environ.get('CUDA_HOME')}\n"
                        f"TORCH_CUDA_ARCH_LIST: {os.environ.get('TORCH_CUDA_ARCH_LIST')}\n\n{text}\n")
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise ExtensionBuildError(
-            f"building the PrRoIPool extension ({'CPU+CUDA' if with_cuda else 'CPU'}) failed in "
+            f"building the extension {name} ({'CPU+CUDA' if with_cuda else 'CPU'}) failed in "
             f"{build_dir}.\nFull build log: {log}\nLast lines:\n{tail}") from error
-    log.write_text(f"ok: sources={sources} with_cuda={with_cuda}\n")
-    return build_dir
+    log.write_text(f"ok: {name} sources={[str(s) for s in sources]} with_cuda={with_cuda}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops._utils import convert_boxes_to_roi_format
 
-from .build import load_extension
 from .prroi_pool_reference import prroi_pool_reference
 
 BACKENDS = ("extension", "reference")
@@ -70,6 +69,10 @@ def ensure_ops() -> None:
     with _register_lock:
         if _registered:
             return
+        # Imported here so that `python -m ioulab.detector.ops.build` does not find its own
+        # module already imported through this package.
+        from .build import load_extension
+
         load_extension()
         torch.library.register_autograd("ioulab::prroi_pool", _backward, setup_context=_setup_context)
         torch.library.register_fake("ioulab::prroi_pool")(_fake_forward)

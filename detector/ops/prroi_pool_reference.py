@@ -69,15 +69,17 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, output_size: int | tuple[i
     wx = axis_weights(x_lo, x_hi, width)  # [K, PW, W]
     wy = axis_weights(y_lo, y_hi, height)  # [K, PH, H]
 
+    if num_rois == 0 and input.shape[0] == 0:
+        return input.new_zeros((0, channels, pooled_h, pooled_w))
     pieces, order = [], []
-    for image in torch.unique(batch).tolist():
+    # With K = 0 the loop still runs once (on image 0, no RoIs) so the empty output stays
+    # connected to the autograd graph.
+    for image in torch.unique(batch).tolist() or [0]:
         members = torch.nonzero(batch == image).flatten()
-        for chunk in members.split(roi_chunk):
+        for chunk in members.split(roi_chunk) if num_rois else [members]:
             rows = torch.einsum("chw,kqw->kchq", input[image], wx[chunk])  # [k, C, H, PW]
             pieces.append(torch.einsum("kph,kchq->kcpq", wy[chunk], rows))
             order.append(chunk)
-    if not pieces:
-        return input.new_zeros((num_rois, channels, pooled_h, pooled_w))
     integral = torch.cat(pieces)[torch.argsort(torch.cat(order))]
     # Zero-area bins output 0; the safe divisor keeps their gradients finite (0).
     positive = area > 0

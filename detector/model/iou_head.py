@@ -1,0 +1,59 @@
+"""IoUNet's IoU head: predicts, per class, the IoU of a box with the object it localizes.
+
+Shape glossary: R boxes, C channels of the pooled features, P×P pool size, K foreground classes.
+
+    pooled Tensor[R, C, P, P] → flatten → FC → ReLU → FC → ReLU → FC → raw Tensor[R, K]
+
+The prediction for a box is the column of its class (label l ∈ 1..K → column l − 1). The raw output
+is decoded by the loss's parametrisation (:class:`IoULoss`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class IoUHead(nn.Module):
+    def __init__(self, in_channels: int, pool_size: int, representation_size: int, num_classes: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * pool_size**2, representation_size)
+        self.fc2 = nn.Linear(representation_size, representation_size)
+        self.out = nn.Linear(representation_size, num_classes)
+        nn.init.normal_(self.out.weight, std=0.001)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        x = F.relu(self.fc1(pooled.flatten(1)))
+        return self.out(F.relu(self.fc2(x)))
+
+
+def select_class(raw: Tensor, labels: Tensor) -> Tensor:
+    """raw Tensor[R, K], labels Tensor[R] in 1..K → Tensor[R]."""
+    return raw.gather(1, (labels - 1).long().unsqueeze(1)).squeeze(1)
+
+
+class IoULoss:
+    """A loss on predicted IoU with the matching decoding of the raw head output.
+
+    smooth_l1: target (IoU − 0.5)/0.5, Smooth-L1 (β = 1), decoded as raw·0.5 + 0.5;
+    bce: binary cross-entropy with logits on the raw IoU, decoded by a sigmoid.
+    Losses are averaged over the RoIs (all have IoU ≥ 0.5).
+    """
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], decode: Callable[[Tensor], Tensor]):
+        self.loss = loss
+        self.decode = decode
+
+    def __call__(self, raw: Tensor, iou_target: Tensor) -> Tensor:
+        if raw.numel() == 0:
+            return raw.sum() * 0.0
+        return self.loss(raw.float(), iou_target.float())
+
+
+SMOOTH_L1 = IoULoss(lambda raw, t: F.smooth_l1_loss(raw, (t - 0.5) / 0.5, beta=1.0),
+                    lambda raw: raw * 0.5 + 0.5)
+BCE = IoULoss(F.binary_cross_entropy_with_logits, torch.sigmoid)
+IOU_LOSSES = {"smooth_l1": SMOOTH_L1, "bce": BCE}

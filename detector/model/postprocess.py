@@ -1,0 +1,117 @@
+"""Inference modes of an IoUNet model: what happens to the box head's candidates.
+
+Shape glossary: per image, M candidates (class-specific boxes above the score threshold) and
+D ≤ ``detections_per_img`` detections; all images of the batch are processed together wherever the
+work is batched (IoU prediction, refinement).
+
+Each mode is a callable ``(heads, candidates, features, image_shapes) -> detections`` chosen by
+the factory from ``inference.mode``; one trained checkpoint can be evaluated every way:
+
+    NMSPost               box head + NMS, IoU head unused               ("baseline")
+    IoURegularNMSPost     IoU predicted for every candidate, then NMS    ("iou_regular_nms")
+    IoUNMSPost            IoU-guided NMS                                 ("iou_nms")
+    RefinePost            IoU-guided NMS, then refinement, score × IoU  ("refine")
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ioulab.detector.nms import batched_iou_guided_nms
+from ioulab.detector.model.refine import refine_boxes
+
+Candidates = list[tuple[Tensor, Tensor, Tensor]]  # per image (boxes [M,4], scores [M], labels [M])
+
+
+def _detections(boxes: Tensor, scores: Tensor, labels: Tensor, limit: int) -> dict[str, Tensor]:
+    order = scores.argsort(descending=True, stable=True)[:limit]
+    return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}
+
+
+def _predict_ious(heads, candidates: Candidates, features, image_shapes) -> list[Tensor]:
+    """Predicted IoU of every candidate, all images in one pass."""
+    boxes = [c[0] for c in candidates]
+    labels = torch.cat([c[2] for c in candidates])
+    if labels.numel() == 0:
+        return [c[1].new_zeros((0,)) for c in candidates]
+    ious = heads.iou_predictor(features, boxes, labels, image_shapes)
+    return list(ious.split([len(b) for b in boxes]))
+
+
+class NMSPost:
+    """Box head + ``heads.nms`` (greedy or DIoU-NMS)."""
+
+    def __call__(self, heads, candidates: Candidates, features, image_shapes) -> list[dict[str, Tensor]]:
+        out = []
+        for boxes, scores, labels in candidates:
+            keep = heads.nms(boxes, scores, labels)[: heads.detections_per_img]
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return out
+
+
+class IoURegularNMSPost(NMSPost):
+    """IoU predicted for every candidate but unused: regular NMS (the speed control row)."""
+
+    def __call__(self, heads, candidates, features, image_shapes):
+        _predict_ious(heads, candidates, features, image_shapes)
+        return super().__call__(heads, candidates, features, image_shapes)
+
+
+class IoUNMSPost:
+    """IoU-guided NMS per class; a kept box takes the best class score of its cluster."""
+
+    def __init__(self, rank: str, iou_threshold: float):
+        self.rank = rank
+        self.iou_threshold = iou_threshold
+
+    def keep(self, heads, candidates, features, image_shapes) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per image (boxes, new scores, labels, predicted IoU) of the kept boxes, best first."""
+        out = []
+        for (boxes, scores, labels), ious in zip(candidates, _predict_ious(heads, candidates, features, image_shapes)):
+            keep, new_scores = batched_iou_guided_nms(boxes, scores, ious, labels, self.iou_threshold, self.rank)
+            keep, new_scores = keep[: heads.detections_per_img], new_scores[: heads.detections_per_img]
+            out.append((boxes[keep], new_scores, labels[keep], ious[keep]))
+        return out
+
+    def __call__(self, heads, candidates, features, image_shapes):
+        return [_detections(b, s, l, heads.detections_per_img)
+                for b, s, l, _ in self.keep(heads, candidates, features, image_shapes)]
+
+
+class RefinePost:
+    """IoU-guided NMS, then optimization-based refinement of all kept boxes of the batch at once;
+    final score = class score × refined IoU."""
+
+    def __init__(self, nms: IoUNMSPost, lam: float, steps: int, omega1: float, omega2: float):
+        self.nms = nms
+        self.lam, self.steps, self.omega1, self.omega2 = lam, steps, omega1, omega2
+
+    def __call__(self, heads, candidates, features, image_shapes):
+        kept = self.nms.keep(heads, candidates, features, image_shapes)
+        counts = [len(k[0]) for k in kept]
+        boxes = torch.cat([k[0] for k in kept])
+        labels = torch.cat([k[2] for k in kept])
+        wh = torch.cat([boxes.new_tensor([[w, h]]).expand(n, 2) for (h, w), n in zip(image_shapes, counts)])
+
+        def predicted_iou(b: Tensor) -> Tensor:
+            return heads.iou_predictor(features, list(b.split(counts)), labels, image_shapes)
+
+        refined, ious = refine_boxes(boxes, predicted_iou, wh, self.lam, self.steps, self.omega1, self.omega2)
+        out = []
+        for b, (_, s, l, _), iou in zip(refined.split(counts), kept, ious.split(counts)):
+            out.append(_detections(b, s * iou.clamp(min=0), l, heads.detections_per_img))
+        return out
+
+
+def build_postprocess(mode: str, rank: str, iou_threshold: float, lam: float, steps: int,
+                      omega1: float, omega2: float) -> Callable | None:
+    """The config edge's name → callable table for ``inference.mode``."""
+    iou_nms = IoUNMSPost(rank, iou_threshold)
+    return {
+        "baseline": NMSPost(),
+        "iou_regular_nms": IoURegularNMSPost(),
+        "iou_nms": iou_nms,
+        "refine": RefinePost(iou_nms, lam, steps, omega1, omega2),
+    }[mode]
