@@ -1,0 +1,9 @@
+"""Ablation reports read back from MLflow (`ioulab report`, `ioulab compare`); never imports Ray.
+
+    runs.py     find a sweep's parent run and its trials (the MLflow naming contract)
+    table.py    variants, baseline, the papers' table with its Improvement row, NMS and λ views
+    charts.py   matplotlib figures (AP against λ, AP per IoU threshold, ΔAP)
+    render.py   report.md and the self-contained report.html
+    command.py  `ioulab report SWEEP`
+    compare.py  `ioulab compare RUN_ID ...`
+"""

@@ -1,0 +1,168 @@
+"""`ioulab report SWEEP`: the ablation report of a sweep, read back from MLflow.
+
+Writes ``report.md`` (+ PNG charts) and a self-contained ``report.html`` into ``--out``
+(default ``reports/<sweep name>/``) and logs them under ``report/`` of the sweep's parent run, so
+they show in the MLflow UI. Reads: the parent run (tags ``ioulab.varying_keys``,
+``ioulab.baseline``) and its child runs (``mlflow.parentRunId``); see :mod:`.runs`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from ioulab.platform.report import charts as CH
+from ioulab.platform.report import table as T
+from ioulab.platform.report.render import Chart, Report, results_markdown, status_line, to_html, to_markdown
+from ioulab.platform.report.runs import ReportError, Sweep, load_sweep, parent_latency
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", metavar="SWEEP", help="sweep name (tag ioulab.sweep) or parent run id")
+    add_tracking_argument(p)
+    p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                   help="the baseline variant, repeatable; KEY is a dotted config key or a unique "
+                        "suffix of one (lam=0.5). Default: the sweep's space file, else the first variant")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<sweep name>/)")
+    p.add_argument("--latency", metavar="FILE.json", default=None,
+                   help="`ioulab bench latency --json` output to render as the inference-speed table "
+                        "(default: the parent run's latency.json artifact, if any)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+
+
+def add_tracking_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+
+
+def client_for(args):
+    from mlflow.tracking import MlflowClient
+
+    from ioulab.platform.tracking import absolute_uri, default_tracking_uri
+
+    return MlflowClient(absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri())
+
+
+def build_report(client, sweep_name: str, baseline: list[str] | None = None,
+                 latency: dict | None = None) -> tuple[Report, Sweep]:
+    """Everything the report shows, from the sweep's runs (no files written)."""
+    sweep = load_sweep(client, sweep_name)
+    shown = T.result_trials(sweep.trials)
+    varying = sweep.varying_keys or T.differing_keys([t.params for t in shown])
+    ident = T.identity_keys(varying, shown)
+    labels = T.short_labels(ident)
+    variants = T.group_variants(shown, ident, labels)
+
+    if baseline:
+        known = set(ident).union(*(t.params for t in sweep.trials))
+        spec, source, strict = T.parse_baseline(baseline, known), "--baseline", True
+    else:
+        spec, source, strict = sweep.baseline, "space file", False
+    base, notes = T.choose_baseline(variants, spec, source, strict)
+    if not spec and base is not None:
+        notes.append(f"no baseline in the space file: the first variant, {base.name}")
+    table = T.results_table(variants, base, notes=notes)
+
+    report = Report(title=f"Ablation report: {sweep.name}", table=table,
+                    keys={labels[k]: k for k in ident}, trials=sweep.trials, notes=list(sweep.notes))
+    report.meta = _meta(client, sweep, ident, base, source if spec else "first variant")
+    report.variant_of = _variant_names(sweep, shown, variants, ident, labels)
+    if T.LAMBDA_KEY in ident:
+        series = T.lambda_series(shown, varying)
+        best = "; ".join(f"{s.label}: best λ={s.best[0]:g} (AP {s.best[1]:.1f})" for s in series)
+        report.charts.append(Chart("ap_vs_lambda", "AP against λ, one line per trained model",
+                                   CH.png_bytes(CH.lambda_figure(series)), best))
+    if table.rows:
+        report.charts.append(Chart("ap_by_iou", "AP at each IoU threshold",
+                                   CH.png_bytes(CH.threshold_figure(table))))
+    if base is not None and len(table.rows) > 1:
+        report.charts.append(Chart("delta_ap", "ΔAP against the baseline",
+                                   CH.png_bytes(CH.delta_figure(table))))
+    if any(T.is_nms_key(k) for k in ident):
+        report.nms = T.nms_blocks(shown, ident, base.values if base is not None else spec)
+    report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
+    return report, sweep
+
+
+def _meta(client, sweep: Sweep, ident: list[str], base, source: str) -> list[tuple[str, str]]:
+    meta = [("sweep", sweep.name), ("parent run", sweep.parent_id), ("tracking URI", client.tracking_uri)]
+    for label, tag in (("space file", "ioulab.space_file"), ("git commit", "ioulab.git_commit")):
+        if sweep.tags.get(tag):
+            meta.append((label, sweep.tags[tag]))
+    meta.append(("varying keys", ", ".join(ident) or "none"))
+    meta.append(("baseline", f"{base.name} ({source})" if base is not None else "none"))
+    meta.append(("trials", status_line(sweep.trials)))
+    return meta
+
+
+def _variant_names(sweep: Sweep, shown, variants, ident, labels) -> dict[str, str]:
+    """Run id -> variant name for every trial; a train trial that eval trials evaluate is named by
+    its model keys only (its inference settings are the evals')."""
+    names = {t.run_id: v.name for v in variants for t in v.trials}
+    model_keys = [k for k in ident if not T.is_inference(k)]
+    for t in sweep.trials:
+        if t.run_id not in names:
+            values = {k: t.params.get(k, T.MISSING) for k in (model_keys if t.stage == "train" else ident)}
+            names[t.run_id] = T.variant_name(values, labels, empty="model") + \
+                (" (trained model)" if t.stage == "train" else "")
+    return names
+
+
+CHART_STEMS = ("ap_vs_lambda", "ap_by_iou", "delta_ap")
+
+
+def write_report(report: Report, out: Path) -> list[Path]:
+    """Write the charts, report.md and report.html; remove charts of an earlier report in ``out``
+    that this one no longer has."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stem in set(CHART_STEMS) - {c.stem for c in report.charts}:
+        (out / f"{stem}.png").unlink(missing_ok=True)
+    paths = []
+    for chart in report.charts:
+        path = out / f"{chart.stem}.png"
+        path.write_bytes(chart.png)
+        paths.append(path)
+    for name, text in (("report.md", to_markdown(report)), ("report.html", to_html(report))):
+        (out / name).write_text(text, encoding="utf-8")
+        paths.append(out / name)
+    return paths
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sweep"
+
+
+def run(args) -> int:
+    client = client_for(args)
+    try:
+        latency = json.loads(Path(args.latency).read_text()) if args.latency else None
+        report, sweep = build_report(client, args.sweep, args.baseline, latency)
+    except ReportError as exc:
+        print(f"ioulab report: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"ioulab report: cannot read --latency {args.latency}: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"ioulab report: MLflow at {client.tracking_uri}: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("reports") / _safe_name(sweep.name)).resolve()
+    paths = write_report(report, out)
+    print(f"{report.title}\n")
+    print(results_markdown(report.table))
+    print(f"\n{status_line(sweep.trials)}")
+    print(f"\nwrote {', '.join(p.name for p in paths)} to {out}")
+    if not args.no_log:
+        try:
+            for path in paths:
+                client.log_artifact(sweep.parent_id, str(path), artifact_path="report")
+        except Exception as exc:  # artifact store unreachable: the files are written all the same
+            print(f"ioulab report: could not log the report to run {sweep.parent_id}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"logged to MLflow run {sweep.parent_id} (artifacts/report/) in {client.tracking_uri}")
+    return 0

@@ -1,0 +1,257 @@
+"""Render a :class:`Report` as markdown (PNG charts as files beside it) and as one self-contained
+HTML file (inline CSS, charts as base64 PNG data URIs, no external resources: opens offline)."""
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from ioulab.platform.report.runs import Trial
+from ioulab.platform.report.table import (MISSING, NMS_METRICS, NmsBlock, ResultsTable, fmt, fmt_cell,
+                                          fmt_delta, status_counts)
+
+
+@dataclass
+class Chart:
+    stem: str          # file name without .png
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    table: ResultsTable
+    meta: list[tuple[str, str]] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)        # short label -> full dotted key
+    charts: list[Chart] = field(default_factory=list)
+    nms: list[NmsBlock] = field(default_factory=list)
+    latency: dict[str, Any] | None = None
+    trials: list[Trial] = field(default_factory=list)
+    variant_of: dict[str, str] = field(default_factory=dict)  # run id -> variant name
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Table model shared by both renderers: header + rows of (text, css class)
+# --------------------------------------------------------------------------------------------
+Cell = tuple[str, str]   # (text, class: "" | "num" | "pos" | "neg" | "name")
+
+
+def _delta_cell(value: float | None) -> Cell:
+    text = fmt_delta(value)
+    return text, ("pos" if text.startswith("+") else "neg" if text.startswith("\u2212") else "num")
+
+
+def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], list[list[Cell]], list[str]]:
+    """Header, body rows and row classes of the papers' table (+ ΔAP, n, std when ``stats``)."""
+    header = ["Variant", *table.columns] + (["ΔAP", "n", "AP std"] if stats else [])
+    rows, classes = [], []
+    for v in table.rows:
+        is_base = v is table.baseline
+        cells: list[Cell] = [(v.name + (" (baseline)" if is_base else ""), "name")]
+        cells += [(fmt(v.mean(c)), "num") for c in table.columns]
+        if stats:
+            cells += [("baseline", "num") if is_base else _delta_cell(table.delta_ap(v)),
+                      (str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
+        rows.append(cells)
+        classes.append("baseline" if is_base else "best" if v is table.best else "")
+    if table.improvement is not None:
+        cells = [("Improvement", "name")]
+        cells += [_delta_cell(table.improvement.get(c)) for c in table.columns]
+        cells += [("", "")] * (3 if stats else 0)
+        rows.append(cells)
+        classes.append("improvement")
+    return header, rows, classes
+
+
+def improvement_caption(table: ResultsTable) -> str:
+    if table.improvement is None:
+        return ""
+    return f"Improvement = best variant by AP ({table.best.name}) − baseline ({table.baseline.name})."
+
+
+def nms_rows(block: NmsBlock) -> tuple[list[str], list[list[Cell]], list[str]]:
+    header = ["Inference setting", *NMS_METRICS, "ΔAP", "ΔAP75", "n"]
+    rows, classes = [], []
+    for v in block.rows:
+        is_base = v is block.baseline
+        cells: list[Cell] = [(v.name + (" (baseline)" if is_base else ""), "name")]
+        cells += [(fmt(v.mean(m)), "num") for m in NMS_METRICS]
+        cells += [_delta_cell(block.delta(v, "AP")), _delta_cell(block.delta(v, "AP75")), (str(v.n), "num")]
+        rows.append(cells)
+        classes.append("baseline" if is_base else "")
+    return header, rows, classes
+
+
+def latency_rows(payload: dict[str, Any]) -> tuple[list[str], list[list[Cell]], list[str]]:
+    rows = payload.get("rows") or []
+    columns = list(payload.get("columns") or (list(rows[0]) if rows else []))
+    body = [[(fmt_cell(c, r.get(c)), "name" if i == 0 else "num") for i, c in enumerate(columns)]
+            for r in rows]
+    return columns, body, [""] * len(body)
+
+
+def trial_rows(report: Report, only_unfinished: bool) -> tuple[list[str], list[list[Cell]], list[str]]:
+    header = ["Trial", "Stage", "Variant", "Status", "MLflow status", "AP", "Run id"]
+    body, classes = [], []
+    for t in report.trials:
+        if only_unfinished and t.status == "FINISHED":
+            continue
+        body.append([(t.name, "name"), (t.stage, ""), (report.variant_of.get(t.run_id, MISSING), ""),
+                     (t.status, ""), (t.run_status, ""), (fmt(t.metrics.get("AP")), "num"),
+                     (t.run_id, "mono")])
+        classes.append("" if t.status == "FINISHED" else "failed")
+    return header, body, classes
+
+
+def status_line(trials: list[Trial]) -> str:
+    counts = status_counts(trials)
+    return f"{len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+NUMERIC = ("num", "pos", "neg")
+
+
+def _numeric_columns(header: list[str], rows: list[list[Cell]]) -> list[bool]:
+    """A column is right-aligned when its cells are numbers (first row decides)."""
+    return [bool(rows) and rows[0][i][1] in NUMERIC for i in range(len(header))]
+
+
+def md_table(header: list[str], rows: list[list[Cell]], classes: list[str] | None = None) -> str:
+    aligns = ["---:" if num else "---" for num in _numeric_columns(header, rows)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
+    for i, row in enumerate(rows):
+        texts = [_md_escape(t) for t, _ in row]
+        if classes and classes[i] == "improvement":
+            texts[0] = f"**{texts[0]}**"
+        lines.append("| " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def table_notes(table: ResultsTable) -> list[str]:
+    """The lines under the results table: what Improvement means, variants without results."""
+    out = [improvement_caption(table)] if table.improvement is not None else []
+    if table.no_results:
+        out.append("No finished trial: " + "; ".join(v.name for v in table.no_results))
+    return out + [f"Note: {n}" for n in table.notes]
+
+
+def results_markdown(table: ResultsTable) -> str:
+    return "\n\n".join([md_table(*results_rows(table))] + table_notes(table))
+
+
+def to_markdown(report: Report) -> str:
+    out = [f"# {report.title}", ""]
+    out += [f"- **{k}**: {v}" for k, v in report.meta]
+    aliases = [(s, k) for s, k in report.keys.items() if s != k]
+    if aliases:
+        out.append("- **keys**: " + "; ".join(f"`{s}` = `{k}`" for s, k in aliases))
+    out += ["", "## Results", "", results_markdown(report.table), ""]
+    for chart in report.charts:
+        out += [f"### {chart.title}", "", f"![{chart.title}]({chart.stem}.png)", ""]
+        if chart.caption:
+            out += [chart.caption, ""]
+    for block in report.nms:
+        out += [f"## NMS comparison{': ' + block.model if block.model else ''}", "",
+                md_table(*nms_rows(block)), ""]
+    if report.latency:
+        out += [f"## Inference speed: {report.latency.get('title', '')}".rstrip(": "), "",
+                md_table(*latency_rows(report.latency)), ""]
+        out += [f"- {n}" for n in report.latency.get("notes") or []] + [""]
+    if report.trials:
+        out += ["## Trials", "", status_line(report.trials), ""]
+        header, rows, classes = trial_rows(report, only_unfinished=True)
+        if rows:
+            out += ["Not finished:", "", md_table(header, rows), ""]
+        out += ["<details><summary>All trials</summary>", "",
+                md_table(*trial_rows(report, only_unfinished=False)[:2]), "", "</details>", ""]
+    if report.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1.5em; color: #1c2025; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 0.15em 1em; color: #444; }
+dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; font-family: ui-monospace, monospace; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; }
+th, td { padding: 0.35em 0.8em; border-bottom: 1px solid #e3e3e3; }
+th { background: #f3f5f7; text-align: left; } th.num { text-align: right; }
+td.num, td.pos, td.neg { text-align: right; font-variant-numeric: tabular-nums; }
+td.pos { color: #2e7d32; font-weight: 600; } td.neg { color: #c62828; font-weight: 600; }
+td.mono { font-family: ui-monospace, monospace; font-size: 0.85em; color: #555; }
+tr.baseline td { background: #f6f8fa; } tr.best td.name { font-weight: 600; }
+tr.improvement td { border-top: 2px solid #333; font-weight: 600; }
+tr.failed td { background: #fdecea; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption, p.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def html_table(header: list[str], rows: list[list[Cell]], classes: list[str] | None = None) -> str:
+    ths = "".join(f'<th class="num">{_e(h)}</th>' if num else f"<th>{_e(h)}</th>"
+                  for h, num in zip(header, _numeric_columns(header, rows)))
+    out = ["<table>", f"<thead><tr>{ths}</tr></thead>", "<tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        tds = "".join(f'<td class="{c}">{_e(t)}</td>' if c else f"<td>{_e(t)}</td>" for t, c in row)
+        out.append(f"<tr{cls}>{tds}</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def to_html(report: Report) -> str:
+    body = [f"<h1>{_e(report.title)}</h1>"]
+    if report.meta:
+        body.append('<dl class="meta">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in report.meta)
+                    + "</dl>")
+    body += ["<h2>Results</h2>", html_table(*results_rows(report.table))]
+    body += [f'<p class="note">{_e(text)}</p>' for text in table_notes(report.table)]
+    if any(s != k for s, k in report.keys.items()):
+        body.append('<p class="note">Keys: ' + "; ".join(f"<code>{_e(s)}</code> = <code>{_e(k)}</code>"
+                                                         for s, k in report.keys.items() if s != k) + "</p>")
+    for chart in report.charts:
+        data = base64.b64encode(chart.png).decode("ascii")
+        body.append(f"<h3>{_e(chart.title)}</h3>"
+                    f'<figure><img alt="{_e(chart.title)}" src="data:image/png;base64,{data}">'
+                    + (f"<figcaption>{_e(chart.caption)}</figcaption>" if chart.caption else "")
+                    + "</figure>")
+    for block in report.nms:
+        body += [f"<h2>NMS comparison{': ' + _e(block.model) if block.model else ''}</h2>",
+                 html_table(*nms_rows(block))]
+    if report.latency:
+        title = report.latency.get("title", "")
+        body += [f"<h2>Inference speed{': ' + _e(title) if title else ''}</h2>",
+                 html_table(*latency_rows(report.latency))]
+        body += [f'<p class="note">{_e(n)}</p>' for n in report.latency.get("notes") or []]
+    if report.trials:
+        body += ["<h2>Trials</h2>", f"<p>{_e(status_line(report.trials))}</p>"]
+        header, rows, classes = trial_rows(report, only_unfinished=True)
+        if rows:
+            body += ["<p>Not finished:</p>", html_table(header, rows, classes)]
+        body += ["<details><summary>All trials</summary>",
+                 html_table(*trial_rows(report, only_unfinished=False)), "</details>"]
+    if report.notes:
+        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(report.title)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
