@@ -6,14 +6,15 @@ Every loss returns ``1 - value`` per pair (Tensor[N] for ``reduction="none"``, a
 boxes decoded under ``torch.autocast``) are cast up first, because ratios of near-equal areas
 lose their meaning in 8 mantissa bits. float64 inputs stay float64 (gradcheck).
 
-Equations (Zheng et al., "Distance-IoU Loss", AAAI 2020, arXiv:1911.08287, and Rezatofighi et al.,
-"Generalized IoU", CVPR 2019, arXiv:1902.09630), with eps = 1e-7 in each denominator:
+Equations, eps = 1e-7 in each denominator. [GIoU]: Rezatofighi et al., "Generalized Intersection
+over Union", CVPR 2019, arXiv:1902.09630. [DIoU]: Zheng et al., "Distance-IoU Loss", AAAI 2020,
+arXiv:1911.08287.
 
-    IoU  = |B ∩ Bg| / |B ∪ Bg|                                        (DIoU paper eq. 1)
-    GIoU = IoU - |C \\ (B ∪ Bg)| / |C|        C: smallest enclosing box (GIoU paper alg. 1)
-    DIoU = IoU - d² / c²                     d: centre distance, c: diagonal of C  (eq. 6)
-    CIoU = DIoU - α·v,  v = 4/π² (atan(wg/hg) - atan(w/h))²                (eqs. 8-10)
-           α = v / ((1 - IoU) + v)   treated as a constant (no gradient), as in the paper
+    IoU  = |B ∩ Bg| / |B ∪ Bg|
+    GIoU = IoU - |C \\ (B ∪ Bg)| / |C|      C: smallest box enclosing B and Bg       [GIoU]
+    DIoU = IoU - d² / c²                   d: centre distance, c: diagonal of C     [DIoU]
+    CIoU = DIoU - α·v,  v = 4/π² (atan(wg/hg) - atan(w/h))²                          [DIoU]
+           α = v / ((1 - IoU) + v), a constant for the gradient (as in [DIoU])
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _inter_union(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def paired_iou(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
-    """Elementwise IoU of matched pairs, eq. 1: Tensor[N, 4] x2 -> Tensor[N].
+    """Elementwise IoU = |B ∩ Bg| / |B ∪ Bg| of matched pairs: Tensor[N, 4] x2 -> Tensor[N].
 
     torchvision only has the pairwise N x M ``box_iou``; its diagonal would cost N².
     Zero-area pairs give 0 (eps in the denominator), not NaN.
@@ -65,7 +66,7 @@ def paired_iou(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def iou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
-    """1 - IoU (eq. 1). pred, target: Tensor[N, 4] xyxy -> Tensor[N] (or scalar when reduced).
+    """1 - IoU, IoU = |B ∩ Bg| / |B ∪ Bg|. pred, target: Tensor[N, 4] -> Tensor[N] (or scalar).
 
     Zero gradient once the boxes stop overlapping; GIoU/DIoU/CIoU fix that.
     """
@@ -73,7 +74,7 @@ def iou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float =
 
 
 def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
-    """1 - GIoU, GIoU = IoU - |C minus union| / |C| (GIoU paper, alg. 1).
+    """1 - GIoU, GIoU = IoU - |C \\ (B ∪ Bg)| / |C|, C the smallest enclosing box [GIoU].
 
     pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``generalized_box_iou_loss``
     computes exactly this (eps in both denominators, half -> float32 upcast), so it is used as is.
@@ -82,7 +83,7 @@ def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
 
 
 def diou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
-    """1 - DIoU, DIoU = IoU - d²/c² (DIoU paper, eq. 6).
+    """1 - DIoU, DIoU = IoU - d²/c², d the centre distance, c the enclosing diagonal [DIoU].
 
     pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``distance_box_iou_loss`` is the
     same formula with eps added to IoU's and c²'s denominators, so it is used as is.
@@ -105,7 +106,7 @@ def _aspect_angle(boxes: Tensor, eps: float) -> Tensor:
 
 
 def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
-    """1 - CIoU, CIoU = DIoU - α·v (DIoU paper, eqs. 8-10).
+    """1 - CIoU, CIoU = DIoU - α·v [DIoU, Complete IoU loss].
 
     v = 4/π² (atan(wg/hg) - atan(w/h))², α = v / ((1 - IoU) + v + eps) without gradient.
     pred, target: Tensor[N, 4] xyxy -> Tensor[N].
