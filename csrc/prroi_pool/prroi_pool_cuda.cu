@@ -1,5 +1,6 @@
-// CUDA implementation of PrRoIPool (float32 / float64), built on the per-bin math of
-// prroi_pool_math.h (the same inline functions the CPU kernel uses).
+// CUDA implementation of PrRoIPool (float32 / float64): grid-stride wrappers around the
+// per-element bodies of prroi_pool_elements.h (built on the per-bin math of prroi_pool_math.h,
+// which the CPU kernel uses too; a CPU test runs the element bodies serially).
 //
 // Shapes: input [N, C, H, W], rois [K, 5], output [K, C, PH, PW].
 //
@@ -8,7 +9,7 @@
 // device synchronisation. The RoI gradient is computed per (RoI, bin) with a loop over channels
 // and reduced with a sum instead of C * PH * PW atomics on the same four addresses.
 #include "prroi_pool.h"
-#include "prroi_pool_math.h"
+#include "prroi_pool_elements.h"
 
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAStream.h>
@@ -38,67 +39,35 @@ __device__ __forceinline__ int64_t grid_stride() {
 }
 
 template <typename T>
-__device__ __forceinline__ bool valid_image(const T* roi, int64_t num_images, int64_t* b) {
-  *b = static_cast<int64_t>(roi[0]);
-  return *b >= 0 && *b < num_images;
-}
-
-// One thread per output element (k, c, ph, pw).
-template <typename T>
 __global__ void forward_kernel(int64_t total, const T* __restrict__ input,
                                const T* __restrict__ rois, T* __restrict__ output, T spatial_scale,
                                int64_t num_images, int64_t channels, int64_t height, int64_t width,
                                int64_t pooled_height, int64_t pooled_width) {
-  for (int64_t i = grid_start(); i < total; i += grid_stride()) {
-    const int64_t pw = i % pooled_width;
-    const int64_t ph = (i / pooled_width) % pooled_height;
-    const int64_t c = (i / (pooled_width * pooled_height)) % channels;
-    const int64_t k = i / (pooled_width * pooled_height * channels);
-    const T* roi = rois + k * 5;
-    const Bin<T> bin = roi_bin(roi, spatial_scale, pooled_height, pooled_width, ph, pw);
-    int64_t b;
-    T out = T(0);
-    if (bin.area > T(0) && valid_image(roi, num_images, &b)) {
-      const T* plane = input + (b * channels + c) * height * width;
-      out = bin_integral(plane, height, width, bin) / bin.area;
-    }
-    output[i] = out;
-  }
+  for (int64_t i = grid_start(); i < total; i += grid_stride())
+    output[i] = forward_element(i, input, rois, spatial_scale, num_images, channels, height, width,
+                                pooled_height, pooled_width);
 }
 
-// One thread per output element; scatters grad * coefficient into grad_input with atomics
-// (bins of different RoIs overlap).
+struct AtomicAdd {
+  template <typename T>
+  __device__ __forceinline__ void operator()(T* address, T value) const {
+    gpuAtomicAddNoReturn(address, value);
+  }
+};
+
+// Bins of different RoIs overlap, hence atomics on grad_input.
 template <typename T>
 __global__ void backward_input_kernel(int64_t total, const T* __restrict__ grad_output,
                                       const T* __restrict__ rois, T* __restrict__ grad_input,
                                       T spatial_scale, int64_t num_images, int64_t channels,
                                       int64_t height, int64_t width, int64_t pooled_height,
                                       int64_t pooled_width) {
-  for (int64_t i = grid_start(); i < total; i += grid_stride()) {
-    const int64_t pw = i % pooled_width;
-    const int64_t ph = (i / pooled_width) % pooled_height;
-    const int64_t c = (i / (pooled_width * pooled_height)) % channels;
-    const int64_t k = i / (pooled_width * pooled_height * channels);
-    const T* roi = rois + k * 5;
-    const Bin<T> bin = roi_bin(roi, spatial_scale, pooled_height, pooled_width, ph, pw);
-    int64_t b;
-    if (!(bin.area > T(0)) || !valid_image(roi, num_images, &b)) continue;
-    const T g = grad_output[i] / bin.area;
-    if (g == T(0)) continue;
-    T* plane = grad_input + (b * channels + c) * height * width;
-    int64_t h0, h1, w0, w1;
-    interval_pixels(bin.y_lo, bin.y_hi, height, &h0, &h1);
-    interval_pixels(bin.x_lo, bin.x_hi, width, &w0, &w1);
-    for (int64_t h = h0; h <= h1; ++h) {
-      const T gy = g * interval_weight(bin.y_lo, bin.y_hi, h);
-      for (int64_t w = w0; w <= w1; ++w)
-        gpuAtomicAddNoReturn(plane + h * width + w, gy * interval_weight(bin.x_lo, bin.x_hi, w));
-    }
-  }
+  for (int64_t i = grid_start(); i < total; i += grid_stride())
+    backward_input_element(i, grad_output, rois, grad_input, spatial_scale, num_images, channels,
+                           height, width, pooled_height, pooled_width, AtomicAdd());
 }
 
-// One thread per (k, ph, pw), looping over channels; writes the bin's share of the RoI gradient
-// to partials[k, ph, pw, 4], summed over bins afterwards (deterministic, no atomics).
+// One thread per (k, ph, pw), looping over channels (deterministic, no atomics).
 template <typename T>
 __global__ void backward_rois_kernel(int64_t total, const T* __restrict__ grad_output,
                                      const T* __restrict__ input, const T* __restrict__ rois,
@@ -106,31 +75,9 @@ __global__ void backward_rois_kernel(int64_t total, const T* __restrict__ grad_o
                                      T spatial_scale, int64_t num_images, int64_t channels,
                                      int64_t height, int64_t width, int64_t pooled_height,
                                      int64_t pooled_width) {
-  for (int64_t i = grid_start(); i < total; i += grid_stride()) {
-    const int64_t pw = i % pooled_width;
-    const int64_t ph = (i / pooled_width) % pooled_height;
-    const int64_t k = i / (pooled_width * pooled_height);
-    const T* roi = rois + k * 5;
-    const Bin<T> bin = roi_bin(roi, spatial_scale, pooled_height, pooled_width, ph, pw);
-    T acc[4] = {T(0), T(0), T(0), T(0)};
-    int64_t b;
-    if (bin.area > T(0) && valid_image(roi, num_images, &b)) {
-      const int64_t n_out = pooled_height * pooled_width;
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t o = (k * channels + c) * n_out + ph * pooled_width + pw;
-        const T g = grad_output[o];
-        if (g == T(0)) continue;
-        const T* plane = input + (b * channels + c) * height * width;
-        const T e_x_lo = vertical_edge_integral(plane, height, width, bin.x_lo, bin.y_lo, bin.y_hi);
-        const T e_x_hi = vertical_edge_integral(plane, height, width, bin.x_hi, bin.y_lo, bin.y_hi);
-        const T e_y_lo = horizontal_edge_integral(plane, height, width, bin.y_lo, bin.x_lo, bin.x_hi);
-        const T e_y_hi = horizontal_edge_integral(plane, height, width, bin.y_hi, bin.x_lo, bin.x_hi);
-        accumulate_roi_grad(g, output[o], bin, e_x_lo, e_x_hi, e_y_lo, e_y_hi, ph, pw,
-                            pooled_height, pooled_width, spatial_scale, acc);
-      }
-    }
-    for (int j = 0; j < 4; ++j) partials[i * 4 + j] = acc[j];
-  }
+  for (int64_t i = grid_start(); i < total; i += grid_stride())
+    backward_rois_element(i, grad_output, input, rois, output, partials, spatial_scale, num_images,
+                          channels, height, width, pooled_height, pooled_width);
 }
 
 at::Tensor prroi_pool_forward_cuda(const at::Tensor& input_, const at::Tensor& rois_,

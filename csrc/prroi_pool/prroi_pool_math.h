@@ -12,8 +12,8 @@
 // with hat(t) = max(0, 1 - |t|). Integrating over a box therefore gives
 //     integral = sum_{h,w} F[h, w] * Iy(h) * Ix(w),   Ix(w) = integral_{x_lo}^{x_hi} hat(x - w) dx,
 // which is exactly the sum of the closed-form integrals of the bilinear patches of the unit cells
-// the bin touches, rearranged per pixel. Ix / Iy are differences of the hat's antiderivative,
-// a C1 function, so the Leibniz-rule gradients below are exact also on grid lines.
+// the bin touches, rearranged per pixel. Ix / Iy are integrals of the continuous hat, so the
+// output is C1 in the bin edges and the Leibniz-rule gradients below hold also on grid lines.
 #pragma once
 
 #include <cmath>
@@ -28,15 +28,6 @@
 namespace ioulab {
 namespace prroi {
 
-// Antiderivative of hat(t) that is 0 at -inf: 0 | (t+1)^2/2 | 1-(1-t)^2/2 | 1.
-template <typename T>
-PRROI_HOST_DEVICE T hat_cdf(T t) {
-  if (t <= T(-1)) return T(0);
-  if (t <= T(0)) return T(0.5) * (t + T(1)) * (t + T(1));
-  if (t < T(1)) return T(1) - T(0.5) * (T(1) - t) * (T(1) - t);
-  return T(1);
-}
-
 // hat(t): the weight pixel i has in f at a point x = i + t (linear interpolation along one axis).
 template <typename T>
 PRROI_HOST_DEVICE T hat(T t) {
@@ -46,17 +37,42 @@ PRROI_HOST_DEVICE T hat(T t) {
 
 // Integral over [lo, hi] of pixel i's interpolation weight along one axis. The product of the
 // x and y weights divided by the bin area is the feature-gradient coefficient of pixel (h, w).
+// Mathematically Hc(hi - i) - Hc(lo - i), Hc the antiderivative of hat; computed per linear
+// piece of the hat as length * hat(midpoint) instead, which has no cancellation for narrow bins
+// (the difference form lost ~3e-5 absolute in float32 on 0.02-pixel bins).
 template <typename T>
 PRROI_HOST_DEVICE T interval_weight(T lo, T hi, int64_t i) {
-  return hat_cdf(hi - T(i)) - hat_cdf(lo - T(i));
+  const T t0 = lo - T(i), t1 = hi - T(i);
+  // Rising piece t in [-1, 0]: hat = 1 + t.
+  const T a0 = t0 < T(-1) ? T(-1) : (t0 > T(0) ? T(0) : t0);
+  const T b0 = t1 < T(-1) ? T(-1) : (t1 > T(0) ? T(0) : t1);
+  // Falling piece t in [0, 1]: hat = 1 - t.
+  const T a1 = t0 < T(0) ? T(0) : (t0 > T(1) ? T(1) : t0);
+  const T b1 = t1 < T(0) ? T(0) : (t1 > T(1) ? T(1) : t1);
+  return (b0 - a0) * (T(1) + T(0.5) * (a0 + b0)) + (b1 - a1) * (T(1) - T(0.5) * (a1 + b1));
+}
+
+// floor / ceil of a coordinate as a pixel index, with the coordinate first clamped to
+// [-2, size + 1] (NaN -> the low / high end) so that huge, infinite or NaN RoIs cannot produce
+// out-of-range pixel indices.
+template <typename T>
+PRROI_HOST_DEVICE int64_t safe_floor(T v, int64_t size) {
+  const T c = !(v >= T(-2)) ? T(-2) : (v > T(size + 1) ? T(size + 1) : v);
+  return static_cast<int64_t>(floor(c));
+}
+
+template <typename T>
+PRROI_HOST_DEVICE int64_t safe_ceil(T v, int64_t size) {
+  const T c = !(v <= T(size + 1)) ? T(size + 1) : (v < T(-2) ? T(-2) : v);
+  return static_cast<int64_t>(ceil(c));
 }
 
 // Pixels with a non-zero weight over [lo, hi]: i in [floor(lo), ceil(hi)], clipped to the map.
 // Sets last < first when none is in the map.
 template <typename T>
 PRROI_HOST_DEVICE void interval_pixels(T lo, T hi, int64_t size, int64_t* first, int64_t* last) {
-  int64_t a = static_cast<int64_t>(floor(lo));
-  int64_t b = static_cast<int64_t>(ceil(hi));
+  const int64_t a = safe_floor(lo, size);
+  const int64_t b = safe_ceil(hi, size);
   *first = a < 0 ? 0 : a;
   *last = b > size - 1 ? size - 1 : b;
 }
@@ -64,7 +80,7 @@ PRROI_HOST_DEVICE void interval_pixels(T lo, T hi, int64_t size, int64_t* first,
 // The (at most two) pixels with non-zero weight hat(x - i) at a point x, clipped to the map.
 template <typename T>
 PRROI_HOST_DEVICE void point_pixels(T x, int64_t size, int64_t* first, int64_t* last) {
-  int64_t a = static_cast<int64_t>(floor(x));
+  const int64_t a = safe_floor(x, size);
   *first = a < 0 ? 0 : a;
   *last = a + 1 > size - 1 ? size - 1 : a + 1;
 }
@@ -86,13 +102,17 @@ PRROI_HOST_DEVICE Bin<T> roi_bin(const T* roi, T spatial_scale, int64_t pooled_h
   // Inverted RoIs (x2 < x1) get zero-size bins, like the official op.
   const T roi_w = x2 - x1 > T(0) ? x2 - x1 : T(0);
   const T roi_h = y2 - y1 > T(0) ? y2 - y1 : T(0);
+  const T bin_w = roi_w / T(pooled_width);
+  const T bin_h = roi_h / T(pooled_height);
   Bin<T> bin;
-  bin.width = roi_w / T(pooled_width);
-  bin.height = roi_h / T(pooled_height);
-  bin.x_lo = x1 + bin.width * T(pw);
-  bin.x_hi = bin.x_lo + bin.width;
-  bin.y_lo = y1 + bin.height * T(ph);
-  bin.y_hi = bin.y_lo + bin.height;
+  bin.x_lo = x1 + bin_w * T(pw);
+  bin.x_hi = bin.x_lo + bin_w;
+  bin.y_lo = y1 + bin_h * T(ph);
+  bin.y_hi = bin.y_lo + bin_h;
+  // Width and area from the rounded edges, so that the pixel weights of a bin inside the map sum
+  // to exactly its area (a constant map pools to that constant also in float32).
+  bin.width = bin.x_hi - bin.x_lo;
+  bin.height = bin.y_hi - bin.y_lo;
   bin.area = bin.width * bin.height;
   return bin;
 }

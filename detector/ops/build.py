@@ -30,7 +30,7 @@ import torch
 _SOURCE_DIR_NAME = "prroi_pool"
 _CPU_SOURCES = ("prroi_pool.cpp", "prroi_pool_cpu.cpp")
 _CUDA_SOURCES = ("prroi_pool_cuda.cu",)
-_HEADERS = ("prroi_pool.h", "prroi_pool_math.h")
+_HEADERS = ("prroi_pool.h", "prroi_pool_math.h", "prroi_pool_elements.h")
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in the ATen headers; without
 # the flag the extension's loops would silently run on one thread.
 _CXX_FLAGS = ("-O3", "-fopenmp")
@@ -156,15 +156,17 @@ def _build(with_cuda: bool, verbose: bool) -> Path:
 
 
 def compile_and_load(name: str, sources: list[Path], build_dir: Path, with_cuda: bool,
-                     verbose: bool = False) -> None:
+                     verbose: bool = False, include_dirs: list[Path] = ()) -> None:
     """Compile `sources` into `build_dir` with ninja (if not up to date) and load the library.
+
+    The sources' folders and `include_dirs` are on the include path.
 
     Raises ExtensionBuildError with the tail of the compiler output and the path of the full
     log (`build_dir/build.log`).
     """
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
-    include_dirs = sorted({str(Path(s).parent) for s in sources})
+    includes = sorted({str(Path(s).parent) for s in sources} | {str(d) for d in include_dirs})
     try:
         _cpp_extension().load(
             name=name,
@@ -172,7 +174,7 @@ def compile_and_load(name: str, sources: list[Path], build_dir: Path, with_cuda:
             extra_cflags=list(_CXX_FLAGS),
             extra_ldflags=list(_LD_FLAGS),
             extra_cuda_cflags=list(_NVCC_FLAGS),
-            extra_include_paths=include_dirs,
+            extra_include_paths=includes,
             build_directory=str(build_dir),
             with_cuda=with_cuda,
             is_python_module=False,
