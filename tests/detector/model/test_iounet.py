@@ -16,12 +16,6 @@ TINY = ["model.min_size=96", "model.max_size=96", "model.backbone.tiny_widths=[8
         "model.iou_head.roi_generator.per_img=40", "model.iou_head.roi_generator.table_cap=500"]
 
 
-def _batch():
-    torch.manual_seed(0)
-    images = [torch.rand(3, 96, 96) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [55.0, 20.0, 90.0, 80.0]]), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([2])}]
-    return images, targets
 
 
 def test_iou_head_shapes_and_class_selection():
@@ -40,10 +34,10 @@ def test_iou_loss_parametrisations():
     assert BCE(torch.zeros(3), target).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
-def test_generated_rois_give_iou_targets(monkeypatch):
+def test_generated_rois_give_iou_targets(monkeypatch, batch):
     cfg = C.load_config("cpu_tiny_iounet", TINY)
     model = build_model(cfg.model, 3, cfg.inference)
-    images, targets = _batch()
+    images, targets = batch
     seen = {}
     predictor = model.roi_heads.iou_predictor
     original = predictor.generator.__call__
@@ -63,12 +57,12 @@ def test_generated_rois_give_iou_targets(monkeypatch):
 
 
 @pytest.mark.parametrize("loss", ["smooth_l1", "bce"])
-def test_iounet_trains_with_both_losses(loss):
+def test_iounet_trains_with_both_losses(loss, batch):
     cfg = C.load_config("cpu_tiny_iounet", TINY + [f"model.iou_head.loss={loss}"])
     model = build_model(cfg.model, 3, cfg.inference)
     assert model.loss_weights["loss_iou"] == 5.0
     opt = torch.optim.SGD(model.parameters(), lr=0.005)
-    images, targets = _batch()
+    images, targets = batch
     first = None
     for _ in range(4):
         terms = model(images, targets)
@@ -80,10 +74,10 @@ def test_iounet_trains_with_both_losses(loss):
     assert model.roi_heads.iou_predictor.head.fc1.weight.grad.abs().sum() > 0
 
 
-def test_every_inference_mode_on_one_model():
+def test_every_inference_mode_on_one_model(batch):
     cfg = C.load_config("cpu_tiny_iounet", TINY + ["inference.score_thresh=0.0"])
     model = build_model(cfg.model, 3, cfg.inference).eval()
-    images, _ = _batch()
+    images, _ = batch
     results = {}
     for mode in ["baseline", "iou_regular_nms", "iou_nms", "refine"]:
         inf = C.apply_overrides(C.clone(cfg), [f"inference.mode={mode}", "inference.refine.steps=2"]).inference

@@ -54,12 +54,6 @@ def test_smooth_l1_is_torchvision_fastrcnn_loss():
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def _batch():
-    torch.manual_seed(0)
-    images = [torch.rand(3, 96, 96) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [55.0, 20.0, 90.0, 80.0]]), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([2])}]
-    return images, targets
 
 
 TINY = ["model.min_size=96", "model.max_size=96", "model.backbone.tiny_widths=[8,16,16,16]",
@@ -69,13 +63,13 @@ TINY = ["model.min_size=96", "model.max_size=96", "model.backbone.tiny_widths=[8
 
 @pytest.mark.parametrize("loss_type", ["smooth_l1", "iou", "giou", "diou", "ciou"])
 @pytest.mark.parametrize("frame", ["image", "proposal"])
-def test_each_box_loss_trains_finite(loss_type, frame):
+def test_each_box_loss_trains_finite(loss_type, frame, batch):
     cfg = C.load_config("cpu_tiny", TINY + [f"model.roi_heads.box_loss.type={loss_type}",
                                             f"model.roi_heads.box_loss.frame={frame}",
                                             "model.roi_heads.box_loss.weight=12"])
     model = build_model(cfg.model, 3, cfg.inference)
     opt = torch.optim.SGD(model.parameters(), lr=0.005)
-    images, targets = _batch()
+    images, targets = batch
     for _ in range(3):
         terms = model(images, targets)
         loss = sum(model.weighted_losses(terms).values())
@@ -87,10 +81,10 @@ def test_each_box_loss_trains_finite(loss_type, frame):
     assert model.loss_weights["loss_box_reg"] == 12.0
 
 
-def test_detection_nms_is_configurable_and_rpn_untouched():
+def test_detection_nms_is_configurable_and_rpn_untouched(batch):
     cfg = C.load_config("cpu_tiny", TINY + ["inference.score_thresh=0.0"])
     model = build_model(cfg.model, 3, cfg.inference).eval()
-    images, _ = _batch()
+    images, _ = batch
     with torch.no_grad():
         greedy = model(images)
         configure_inference(model, C.apply_overrides(C.clone(cfg), ["inference.nms.type=diou", "inference.nms.beta=0.9"]).inference)
