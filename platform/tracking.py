@@ -8,8 +8,10 @@ warning is printed once, and the queue keeps growing; it is replayed when the se
 ``close()``. What still cannot be delivered at ``close()`` is written to a JSON-lines file next to
 the run's outputs, with the command that replays it (``replay_file``).
 
-Runs can be found again by a tag (``find_tag``): a retried or restored Ray trial re-attaches to its
-own child run instead of creating a duplicate.
+Runs can be found again by tags (``find_tag`` / ``find_tags``): a retried or restored Ray trial
+re-attaches to its own child run instead of creating a duplicate. Logging into a re-attached run is
+idempotent: a metric already recorded at a step is not sent again (a restored trial repeats steps),
+params are sent once, tags and artifacts are overwritten with equal content.
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: works across processes
 MAX_PARAM_LEN = 6000
+# Error codes for a record the server will never accept (as opposed to an outage).
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
 
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
@@ -64,29 +69,40 @@ class MlflowRun:
         run_name: display name for a new run.
         tags: tags set on the run.
         find_tag: ``(key, value)``: reuse the newest run of the experiment carrying this tag.
+        find_tags: ``{key: value, ...}``: reuse the newest run carrying all these tags (combined
+            with ``find_tag``).
         spool: JSON-lines file for whatever cannot be delivered by ``close()``.
         run_id: attach to this existing run instead.
+        connect: try to reach the server now (otherwise at the first logging call).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
                  tags: dict[str, str] | None = None, find_tag: tuple[str, str] | None = None,
                  spool: str | os.PathLike | None = None, retry_seconds: float = 15.0,
-                 run_id: str | None = None):
+                 run_id: str | None = None, find_tags: dict[str, str] | None = None,
+                 connect: bool = True):
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
+        self.find_tags = dict(find_tags or {})
         if find_tag:
-            self.tags[find_tag[0]] = find_tag[1]
+            self.find_tags[find_tag[0]] = find_tag[1]
+        self.tags.update(self.find_tags)
         self.find_tag = find_tag
         self.spool = Path(spool) if spool else None
         self.retry_seconds = retry_seconds
         self.run_id: str | None = run_id
+        self.reattached = False  # True when the run was found again by its tags
         self._queue: list[tuple[str, Any]] = []
+        # (key -> steps) already in the run; None until known. Only re-attached runs can hold
+        # metrics this object did not send; new runs start empty.
+        self._logged_steps: dict[str, set[int]] | None = None
         self._warned = False
         self._next_try = 0.0
-        self._flush(force=True)
+        if connect:
+            self._flush(force=True)
 
     # -- RunLogger protocol --------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -99,8 +115,9 @@ class MlflowRun:
         self._queue.append(("metrics", {"values": clean, "step": int(step), "timestamp": now}))
         self._flush()
 
-    def log_artifact(self, path: Path) -> None:
-        self._queue.append(("artifact", str(Path(path).resolve())))
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        record = str(Path(path).resolve())
+        self._queue.append(("artifact", record if artifact_path is None else [record, artifact_path]))
         self._flush()
 
     # -- extras ----------------------------------------------------------------------------------
@@ -119,7 +136,8 @@ class MlflowRun:
             self.spool.parent.mkdir(parents=True, exist_ok=True)
             with self.spool.open("a") as f:
                 header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
-                          "run_id": self.run_id, "run_name": self.run_name, "tags": self.tags}
+                          "run_id": self.run_id, "run_name": self.run_name, "tags": self.tags,
+                          "find_tags": self.find_tags}
                 f.write(json.dumps({"header": header}) + "\n")
                 for kind, payload in self._queue:
                     f.write(json.dumps({"kind": kind, "payload": payload}) + "\n")
@@ -132,23 +150,47 @@ class MlflowRun:
     def pending(self) -> int:
         return len(self._queue)
 
+    def pending_records(self) -> list[dict[str, Any]]:
+        """What is not delivered yet, as JSON-able records (see :meth:`requeue`)."""
+        return [{"kind": kind, "payload": payload} for kind, payload in self._queue]
+
+    def requeue(self, records: list[dict[str, Any]]) -> None:
+        """Put records saved by :meth:`pending_records` (e.g. in a checkpoint of a trial that
+        died) in front of the queue; they are delivered idempotently."""
+        self._queue[:0] = [(r["kind"], r["payload"]) for r in records if r["kind"] != "end"]
+        self._flush()
+
+    def deliver(self, timeout: float) -> bool:
+        """Keep retrying for up to ``timeout`` seconds until the queue is empty."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._flush(force=True)
+            if not self._queue or time.monotonic() >= deadline:
+                return not self._queue
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
     # -- delivery --------------------------------------------------------------------------------
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-        if self.find_tag:
-            key, value = self.find_tag
-            found = self.client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'",
+        if self.find_tags:
+            where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.find_tags.items())
+            found = self.client.search_runs([exp_id], filter_string=where,
                                             order_by=["attributes.start_time DESC"], max_results=1)
             if found:
-                self.run_id = found[0].info.run_id
-                if found[0].info.status != "RUNNING":
+                run = found[0]
+                self._logged_steps = {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)}
+                                      for key in run.data.metrics}
+                self.run_id = run.info.run_id
+                self.reattached = True
+                if run.info.status != "RUNNING":
                     self.client.update_run(self.run_id, status="RUNNING")
                 return
         run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
+        self._logged_steps = {}
 
     def _send(self, kind: str, payload: Any) -> None:
         c, run_id = self.client, self.run_id
@@ -160,14 +202,22 @@ class MlflowRun:
             for i in range(0, len(new), 100):
                 c.log_batch(run_id, params=new[i:i + 100])
         elif kind == "metrics":
-            ms = [Metric(k, v, payload["timestamp"], payload["step"]) for k, v in payload["values"].items()]
+            step = payload["step"]
+            if self._logged_steps is None:  # attached by run_id: learn what the run holds
+                self._logged_steps = {k: {m.step for m in c.get_metric_history(run_id, k)}
+                                      for k in c.get_run(run_id).data.metrics}
+            ms = [Metric(k, v, payload["timestamp"], step) for k, v in payload["values"].items()
+                  if step not in self._logged_steps.get(k, ())]
             for i in range(0, len(ms), 500):
                 c.log_batch(run_id, metrics=ms[i:i + 500])
+            for m in ms:
+                self._logged_steps.setdefault(m.key, set()).add(step)
         elif kind == "tags":
             c.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload.items()])
         elif kind == "artifact":
-            if Path(payload).exists():
-                c.log_artifact(run_id, payload)
+            local, artifact_path = payload if isinstance(payload, list) else (payload, None)
+            if Path(local).exists():
+                c.log_artifact(run_id, local, artifact_path)
         elif kind == "end":
             c.set_terminated(run_id, status=payload)
 
@@ -177,7 +227,14 @@ class MlflowRun:
         try:
             self._ensure_run()
             while self._queue:
-                self._send(*self._queue[0])
+                try:
+                    self._send(*self._queue[0])
+                except MlflowException as exc:
+                    if exc.error_code not in PERMANENT_ERRORS:
+                        raise
+                    # The server refuses this record itself (not an outage): retrying cannot help.
+                    print(f"[ioulab] warning: MLflow refused a {self._queue[0][0]} record of run "
+                          f"{self.run_id}: {str(exc)[:300]}", file=sys.stderr)
                 self._queue.pop(0)
             if self._warned:
                 print(f"[ioulab] MLflow at {self.tracking_uri} reachable again: backlog delivered",
@@ -202,7 +259,7 @@ def replay_file(path: str | os.PathLike) -> int:
         if "header" in line:
             h = line["header"]
             runs.append(MlflowRun(h["tracking_uri"], h["experiment"], h["run_name"], h["tags"],
-                                  run_id=h["run_id"]))
+                                  run_id=h["run_id"], find_tags=h.get("find_tags"), connect=False))
         elif runs:
             runs[-1]._queue.append((line["kind"], line["payload"]))
     for run in runs:

@@ -1,0 +1,9 @@
+"""Ray Tune sweeps over search space files (``ioulab sweep``).
+
+    space.py        the space file schema, validation and the trial plan (no Ray, no torch)
+    checkpoints.py  where evaluations find their checkpoint (path, run folder, mlflow:<run id>)
+    driver.py       plan → Ray Tune experiments (train stage, eval stage) → outcome
+    trainable.py    the Tune trainables over the detector's trainer and evaluator
+    finalize.py     one MLflow child run per trial with its final status; summary on the parent
+    command.py      the CLI
+"""

@@ -1,89 +1,168 @@
-"""CocoDetection on handmade COCO JSON: crowd, empty image, degenerate/outside boxes, categories."""
 import json
 import warnings
 
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 
-from ioulab.detector.data.coco import CocoDetection
-from ioulab.detector.data.loader import build_eval_loader, collate
+from ioulab.detector.data.coco import CocoDetection, hflip_boxes
+from ioulab.detector.data.loader import build_eval_loader
 
+from .conftest import write_coco
 
-def _write(tmp_path, annotations, categories=None):
-    img_dir = tmp_path / "img"
-    img_dir.mkdir(exist_ok=True)
-    images = []
-    for i, (w, h) in enumerate([(40, 30), (20, 20), (32, 32)], start=1):
-        Image.new("RGB", (w, h), (i * 40, 0, 0)).save(img_dir / f"{i}.png")
-        images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
-    cats = categories or [{"id": 1, "name": "a"}, {"id": 7, "name": "b"}, {"id": 90, "name": "c"}]
-    ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
-    return ann, img_dir
-
-
-def _ann(i, image_id, cat, bbox, crowd=0):
-    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": crowd}
-
-
-ANNS = [
-    _ann(1, 1, 7, [2, 3, 10, 5]),          # plain box: xywh -> xyxy
-    _ann(2, 1, 90, [30, 20, 20, 20]),      # partly outside a 40x30 image: clipped
-    _ann(3, 1, 1, [5, 5, 10, 10], crowd=1),  # crowd: not a training target
-    _ann(4, 3, 1, [4, 4, 0, 6]),           # zero width: dropped
-    _ann(5, 3, 7, [50, 50, 5, 5]),         # entirely outside: degenerate after clipping
-    _ann(6, 3, 90, [1, 2, 3, 4]),
-]                                          # image 2 has no annotation at all
+# Category ids are non-contiguous and listed out of order: labels follow sorted ids 1, 7, 90.
+CATEGORIES = [{"id": 90, "name": "zebra"}, {"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]
+IMAGES = [
+    {"id": 10, "file_name": "a.png", "width": 40, "height": 30},
+    {"id": 20, "file_name": "empty.png", "width": 16, "height": 16},
+    {"id": 5, "file_name": "gray.png", "width": 20, "height": 20, "mode": "L"},
+]
+ANNOTATIONS = [
+    {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0},
+    {"id": 2, "image_id": 10, "category_id": 90, "bbox": [30, 20, 20, 20], "iscrowd": 0},
+    {"id": 3, "image_id": 10, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+    {"id": 4, "image_id": 10, "category_id": 1, "bbox": [5, 5, 0, 4], "iscrowd": 0},
+    {"id": 5, "image_id": 5, "category_id": 1, "bbox": [25, 1, 4, 4], "iscrowd": 0},
+    {"id": 6, "image_id": 5, "category_id": 1, "bbox": [-3, -2, 8, 6.5], "iscrowd": 0},
+]
 
 
-def test_targets_labels_and_one_warning(tmp_path):
-    ann, img_dir = _write(tmp_path, ANNS)
+@pytest.fixture
+def coco_files(tmp_path):
+    return write_coco(tmp_path, IMAGES, ANNOTATIONS, CATEGORIES)
+
+
+def _dataset(coco_files, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CocoDetection(*coco_files, **kwargs)
+
+
+def test_label_mapping_is_contiguous_over_sorted_category_ids(coco_files):
+    ds = _dataset(coco_files, train=False)
+    assert ds.num_classes == 3
+    assert ds.label_to_cat_id[1:] == [1, 7, 90]
+    assert ds.cat_id_to_label == {1: 1, 7: 2, 90: 3}
+    assert ds.class_names == ["cat", "dog", "zebra"]
+    assert ds.ids == [5, 10, 20]
+    assert len(ds) == 3
+
+
+def test_targets_xyxy_clipped_crowd_and_degenerate_excluded(coco_files):
+    ds = _dataset(coco_files, train=False)
+    image, target = ds[1]  # image id 10
+    assert target["image_id"] == 10
+    assert image.shape == (3, 30, 40) and image.dtype == torch.float32
+    assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+    # ann 1: xywh [2,3,10,5] -> xyxy; ann 2 clipped to the 40x30 image; crowd + zero-width gone.
+    assert target["boxes"].tolist() == [[2, 3, 12, 8], [30, 20, 40, 30]]
+    assert target["labels"].tolist() == [2, 3]
+    _, target = ds[0]  # image id 5: one box fully outside (dropped), one clipped at the origin
+    assert target["boxes"].tolist() == [[0, 0, 5, 4.5]]
+    assert target["labels"].tolist() == [1]
+
+
+def test_exactly_one_warning_counting_degenerate_boxes(coco_files):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = CocoDetection(ann, img_dir, train=False)
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "2" in messages[0]  # two degenerate boxes, one warning
-    assert ds.num_classes == 3 and ds.class_names == ["a", "b", "c"]
-    assert ds.label_to_cat_id[1:] == [1, 7, 90] and ds.cat_id_to_label == {1: 1, 7: 2, 90: 3}
-    image, target = ds[0]
-    assert image.shape == (3, 30, 40) and image.dtype == torch.float32 and float(image.max()) <= 1.0
-    assert target["image_id"] == 1
-    assert torch.equal(target["boxes"], torch.tensor([[2.0, 3.0, 12.0, 8.0], [30.0, 20.0, 40.0, 30.0]]))
-    assert target["labels"].tolist() == [2, 3]
-    _, empty = ds[1]
-    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
-    _, third = ds[2]
-    assert third["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0]] and third["labels"].tolist() == [3]
+        ds = CocoDetection(*coco_files, train=True)
+        for i in range(len(ds)):  # items must not warn again
+            ds[i]
+    assert len(caught) == 1
+    assert "dropped 2 degenerate box(es)" in str(caught[0].message)
+    assert "ann.json" in str(caught[0].message)
 
 
-def test_flip_mirrors_boxes(tmp_path):
-    ann, img_dir = _write(tmp_path, ANNS)
-    ds = CocoDetection(ann, img_dir, train=True, flip_prob=1.0)
-    image, target = ds[(0, True)]
-    plain, plain_target = ds[(0, False)]
-    assert torch.equal(image, plain.flip(-1))
-    w = plain.shape[-1]
-    expected = plain_target["boxes"].clone()
-    expected[:, 0], expected[:, 2] = w - plain_target["boxes"][:, 2], w - plain_target["boxes"][:, 0]
-    assert torch.equal(target["boxes"], expected)
-    assert torch.equal(ds[0][1]["boxes"], expected)  # flip_prob=1: the random draw always flips
-    assert torch.equal(CocoDetection(ann, img_dir, train=False, flip_prob=1.0)[0][1]["boxes"], plain_target["boxes"])
+def test_no_warning_without_degenerate_boxes(tmp_path):
+    files = write_coco(tmp_path, IMAGES[:1], ANNOTATIONS[:2], CATEGORIES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CocoDetection(*files, train=False)
 
 
-def test_unknown_category_fails_clearly(tmp_path):
-    ann, img_dir = _write(tmp_path, ANNS + [_ann(99, 1, 55, [1, 1, 5, 5])])
-    with pytest.raises(ValueError, match=r"ann.json.*annotation id 99.*55"):
-        CocoDetection(ann, img_dir, train=True)
+def test_image_without_annotations_is_kept(coco_files):
+    ds = _dataset(coco_files, train=True, flip_prob=1.0)
+    image, target = ds[2]
+    assert target["image_id"] == 20 and image.shape == (3, 16, 16)
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
 
 
-def test_worker_batches(tmp_path):
-    ann, img_dir = _write(tmp_path, ANNS)
-    ds = CocoDetection(ann, img_dir, train=False)
+def test_image_decoded_as_rgb_in_unit_range(coco_files):
+    ds = _dataset(coco_files, train=False)
+    gray, _ = ds[0]
+    assert gray.shape == (3, 20, 20)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    color, _ = ds[1]
+    assert color.min() >= 0 and color.max() <= 1
+    assert color[0, 0, -1].item() == 1.0 and color[2, 0, 0].item() == pytest.approx(7 / 255)
+
+
+def test_flip_mirrors_image_and_boxes(coco_files):
+    ds = _dataset(coco_files, train=True, flip_prob=1.0)
+    plain, t_plain = ds[(1, False)]
+    flipped, t_flip = ds[1]  # flip_prob=1: always flipped
+    assert torch.equal(flipped, plain.flip(-1))
+    # x1' = W - x2, x2' = W - x1 with W = 40; y unchanged.
+    assert t_flip["boxes"].tolist() == [[28, 3, 38, 8], [0, 20, 10, 30]]
+    assert torch.equal(t_flip["labels"], t_plain["labels"])
+    assert torch.equal(hflip_boxes(t_flip["boxes"], 40), t_plain["boxes"])
+
+
+def test_flip_probability_and_eval_never_flips(coco_files):
+    never = _dataset(coco_files, train=True, flip_prob=0.0)
+    evaluation = _dataset(coco_files, train=False, flip_prob=1.0)
+    reference = evaluation[(1, False)][1]["boxes"]
+    for ds in (never, evaluation):
+        for _ in range(5):
+            assert torch.equal(ds[1][1]["boxes"], reference)
+    torch.manual_seed(0)
+    half = _dataset(coco_files, train=True, flip_prob=0.5)
+    seen = {tuple(half[1][1]["boxes"][0].tolist()) for _ in range(40)}
+    assert seen == {(2.0, 3.0, 12.0, 8.0), (28.0, 3.0, 38.0, 8.0)}
+
+
+def test_unknown_category_id_raises_naming_file_annotation_and_category(tmp_path):
+    bad = ANNOTATIONS + [{"id": 77, "image_id": 10, "category_id": 3, "bbox": [1, 1, 4, 4],
+                          "iscrowd": 0}]
+    files = write_coco(tmp_path, IMAGES, bad, CATEGORIES)
+    with pytest.raises(ValueError, match=r"ann\.json: annotation id 77 .*category_id 3"):
+        CocoDetection(*files, train=True)
+
+
+def test_unknown_image_id_and_malformed_bbox_raise(tmp_path):
+    orphan = [{"id": 8, "image_id": 999, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 0}]
+    files = write_coco(tmp_path / "a", IMAGES, orphan, CATEGORIES)
+    with pytest.raises(ValueError, match="annotation id 8 .*not in 'images'"):
+        CocoDetection(*files, train=False)
+    malformed = [{"id": 9, "image_id": 10, "category_id": 1, "bbox": [1, 1, 4], "iscrowd": 0}]
+    files = write_coco(tmp_path / "b", IMAGES, malformed, CATEGORIES)
+    with pytest.raises(ValueError, match="annotation id 9 has bbox"):
+        CocoDetection(*files, train=False)
+
+
+def test_image_size_mismatch_with_json_raises(coco_files):
+    ann_file, img_dir = coco_files
+    Image.new("RGB", (41, 30)).save(img_dir / "a.png")
+    ds = _dataset(coco_files, train=False)
+    with pytest.raises(ValueError, match="a.png: image is 41x30 .* says 40x30"):
+        ds[1]
+
+
+def test_batches_with_two_workers_are_lists(coco_files):
+    ds = _dataset(coco_files, train=False)
     batches = list(build_eval_loader(ds, batch_size=2, num_workers=2))
-    assert [len(images) for images, _ in batches] == [2, 1]
+    assert [len(b[0]) for b in batches] == [2, 1]
     images, targets = batches[0]
     assert isinstance(images, list) and isinstance(targets, list)
-    assert [t["image_id"] for _, ts in batches for t in ts] == [1, 2, 3]
-    images, targets = collate([ds[0], ds[1]])
-    assert [i.shape for i in images] == [(3, 30, 40), (3, 20, 20)]
+    assert [t["image_id"] for b in batches for t in b[1]] == [5, 10, 20]
+    assert images[1].shape == (3, 30, 40) and images[0].shape == (3, 20, 20)
+    assert targets[1]["boxes"].tolist() == [[2, 3, 12, 8], [30, 20, 40, 30]]
+
+
+def test_coco_attribute_is_the_pycocotools_index_and_construction_is_quiet(coco_files, capsys):
+    ann_file, _ = coco_files
+    ds = _dataset(coco_files, train=False)
+    assert isinstance(ds.coco, COCO)
+    assert ds.coco.dataset == json.loads(ann_file.read_text())
+    assert capsys.readouterr().out == ""  # pycocotools' "loading annotations..." is swallowed

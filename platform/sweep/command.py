@@ -1,0 +1,88 @@
+"""`ioulab sweep SPACE.yaml`: validate a search space file, then run it as Ray Tune sweep.
+
+The whole file is checked before Ray starts (unknown keys, wrong types, values outside the allowed
+set, a missing checkpoint); errors name the file and the key and exit with status 2.
+
+One machine: a local Ray (``ray.init(address="local")``), Tune results in ``./ray_results`` and
+MLflow in ``./mlflow.db``. A cluster: ``--address auto`` (or ``$RAY_ADDRESS``, as under
+``ray job submit``), shared ``--storage`` and an MLflow server (``--tracking-uri``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ioulab.platform.sweep.space import SpaceError, describe, load_space
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("space", metavar="SPACE.yaml", help="search space file (search_spaces/)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (auto, host:port); default: $RAY_ADDRESS, else a local Ray")
+    p.add_argument("--storage", default=None, metavar="PATH|URI",
+                   help="Tune storage (default ./ray_results; on a cluster: shared path or s3://...)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
+    p.add_argument("--name", default=None, help="sweep name (default: the file's name:, else its file name)")
+    p.add_argument("--profile", default=None, help="profile of the space file (e.g. cpu, r50)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH|mlflow:RUN_ID",
+                   help="evaluate this checkpoint instead of training (eval-only grids; replaces "
+                        "the file's checkpoint: and train: stage)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, the rest resume")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed config override for every trial, repeatable")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run nothing")
+    p.add_argument("--mlflow-wait", type=float, default=120.0, metavar="S",
+                   help="seconds to keep retrying an unreachable MLflow at the end of the sweep")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the outcome as JSON")
+    p.add_argument("--quiet", action="store_true", help="no Tune status table")
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    try:
+        plan = load_space(args.space, args.overrides, profile=args.profile, name=args.name,
+                          checkpoint=args.checkpoint)
+        checkpoint_ref = None
+        if plan.checkpoint is not None:
+            from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+            from ioulab.platform.tracking import absolute_uri, default_tracking_uri
+
+            uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+            checkpoint_ref = resolve_checkpoint(plan.checkpoint, plan.space_file, uri)
+    except SpaceError as exc:
+        print(f"ioulab sweep: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(describe(plan))
+        return 0
+
+    from ioulab.platform.sweep.driver import SweepError, SweepOptions, outcome_json, run_sweep, summary_markdown
+
+    options = SweepOptions(address=args.address, storage=args.storage, tracking_uri=args.tracking_uri,
+                           experiment=args.experiment, resume=args.resume, checkpoint_ref=checkpoint_ref,
+                           mlflow_wait=args.mlflow_wait, verbose=0 if args.quiet else 1,
+                           num_cpus=args.num_cpus)
+    try:
+        outcome = run_sweep(plan, options)
+    except SweepError as exc:
+        print(f"ioulab sweep: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(summary_markdown(plan, outcome.trials, outcome.best))
+    if outcome.best is not None:
+        print(f"best: {outcome.best.stage}-{outcome.best.index:03d} {outcome.best.label} "
+              f"{plan.metric} {outcome.best.metrics.get(plan.metric, float('nan')):.2f} (MLflow run {outcome.best.run_id})")
+    print(f"sweep {outcome.name}: {len(outcome.trials)} trials in {time.perf_counter() - t0:.0f} s; "
+          f"Tune storage {outcome.experiment_dir}")
+    print(f"MLflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri} (experiment {args.experiment})"
+          + ("" if outcome.mlflow_complete else "  [not all records delivered yet: see warnings]"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(outcome_json(outcome), f, indent=2, default=str)
+    return 1 if outcome.failed else 0

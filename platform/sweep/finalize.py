@@ -1,0 +1,178 @@
+"""The end of a sweep, on the driver: every trial gets exactly one MLflow child run carrying its
+final status, the parent run gets the best trial and the summary. Idempotent (``--resume`` of a
+finished sweep runs it again) and patient: MLflow is retried for ``wait`` seconds, and whatever
+still cannot be delivered is spooled with the command that replays it.
+
+Steps: replay the records the trials spooled (``<storage>/<sweep>/mlflow_spool``) → find the child
+runs by (sweep id, trial id); create the run of a trial that never reached MLflow → replay the
+records found in each trial's last checkpoint → set ``ioulab.trial_status`` / run status (a trial
+ASHA stopped: STOPPED / KILLED), ``mlflow.parentRunId``, ``ioulab.checkpoint`` (training trials) and
+``ioulab.train_run_id`` (evaluations) → summary.md / summary.json, best trial, close the parent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ioulab.detector import config as C
+from ioulab.platform.sweep.driver import (STATUS_TO_MLFLOW, TrialRecord, _is_uri, _join, _write_text,
+                                          summary_markdown)
+from ioulab.platform.sweep.space import Plan
+from ioulab.platform.tracking import PARENT_TAG, MlflowRun, replay_file
+
+
+def best_trial(plan: Plan, records: list[TrialRecord]) -> TrialRecord | None:
+    """The best trial of the result stage by the sweep's metric; trials that ran to the end win
+    over trials early stopping cut short (their metric is from an earlier evaluation)."""
+    scored = [t for t in records if t.stage == plan.result_stage and t.status != "FAILED"
+              and isinstance(t.metrics.get(plan.metric), float) and not math.isnan(t.metrics[plan.metric])]
+    scored = [t for t in scored if t.status == "FINISHED"] or scored
+    if not scored:
+        return None
+    pick = max if plan.mode == "max" else min
+    return pick(scored, key=lambda t: t.metrics[plan.metric])
+
+
+def _replay_spools(root: str, deadline: float) -> bool:
+    if _is_uri(root):
+        return True
+    folder = Path(root, "mlflow_spool")
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    while files:
+        left = []
+        for f in files:
+            if replay_file(f) == 0:
+                f.unlink()
+            else:
+                left.append(f)
+        files = left
+        if not files or time.monotonic() >= deadline:
+            break
+        time.sleep(2.0)
+    if files:
+        print(f"[ioulab] {len(files)} spooled MLflow record files not delivered yet: replay with "
+              + "; ".join(f"python -m ioulab.platform.tracking {f}" for f in files), file=sys.stderr)
+    return not files
+
+
+def _trial_params(plan: Plan, record: TrialRecord) -> dict:
+    cfg = C.from_dict(plan.train_config)
+    C.apply_overrides(cfg, record.values, source="plan")
+    return C.flatten(cfg)
+
+
+def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: str | None, uri: str,
+               experiment: str, deadline: float) -> bool:
+    """One pass; raises if MLflow cannot be read (the caller retries)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = []
+    if exp is not None:
+        where = f"tags.`ioulab.sweep_id` = '{state['sweep_id']}' and tags.`ioulab.role` = 'trial'"
+        runs = client.search_runs([exp.experiment_id], filter_string=where, max_results=50000,
+                                  order_by=["attributes.start_time ASC"])
+    by_trial: dict[str, list] = {}
+    for run in runs:
+        by_trial.setdefault(run.data.tags.get("ray.trial_id", ""), []).append(run)
+    writers: list[tuple[MlflowRun, str | None]] = []
+    for rec in records:
+        found = by_trial.get(rec.trial_id, [])
+        if len(found) > 1:
+            print(f"[ioulab] warning: trial {rec.trial_id} has {len(found)} MLflow runs "
+                  f"({', '.join(r.info.run_id for r in found)}); using the first", file=sys.stderr)
+        if found:
+            run = found[0]
+            rec.run_id = run.info.run_id
+            tags, status = run.data.tags, run.info.status
+            writer = MlflowRun(uri, experiment, run_id=rec.run_id, connect=False)
+        else:  # the trial never reached MLflow (e.g. it failed while the server was down)
+            tags, status = {}, None
+            writer = MlflowRun(uri, experiment, run_name=f"{rec.stage}-{rec.index:03d} {rec.label}",
+                               tags={"ioulab.role": "trial", "ioulab.sweep": plan.name, "ioulab.stage": rec.stage,
+                                     "ioulab.label": rec.label, "ioulab.point_index": str(rec.index)},
+                               find_tags={"ioulab.sweep_id": state["sweep_id"], "ray.trial_id": rec.trial_id})
+            rec.run_id = writer.run_id
+            writer.log_params(_trial_params(plan, rec))
+            if rec.metrics:
+                writer.log_metrics(rec.metrics, 0)
+        if rec.pending:
+            writer.requeue(rec.pending)
+        writers.append((writer, rec, tags, status))
+    train_runs = {r.trial_id: r.run_id for r in records if r.stage == "train"}
+    complete = True
+    for writer, rec, tags, status in writers:
+        want = {"ioulab.trial_status": rec.status, "ioulab.role": "trial", "ioulab.sweep": plan.name,
+                "ioulab.stage": rec.stage}
+        if parent_id:
+            want[PARENT_TAG] = parent_id
+        if rec.checkpoint:
+            want["ioulab.checkpoint"] = rec.checkpoint
+        if rec.stage == "eval" and rec.train_trial_id and train_runs.get(rec.train_trial_id):
+            want["ioulab.train_run_id"] = train_runs[rec.train_trial_id]
+        if rec.node_ids:
+            want["ioulab.node_ids"] = json.dumps(rec.node_ids)
+        # After replayed records (which may carry older tags), the final word on every tag.
+        changed = want if rec.pending else {k: v for k, v in want.items() if tags.get(k) != v}
+        if changed:
+            writer.set_tags(changed)
+        if status != STATUS_TO_MLFLOW[rec.status]:
+            writer.close(STATUS_TO_MLFLOW[rec.status])
+        complete &= writer.deliver(max(0.0, deadline - time.monotonic()))
+    return complete
+
+
+def finalize(plan: Plan, state: dict, records: list[TrialRecord], parent: MlflowRun, uri: str,
+             experiment: str, root: str, wait: float) -> tuple[TrialRecord | None, bool]:
+    deadline = time.monotonic() + wait
+    complete = _replay_spools(root, deadline)
+    while True:
+        try:
+            parent.deliver(0)
+            complete &= _reconcile(plan, state, records, parent.run_id, uri, experiment, deadline)
+            break
+        except Exception as exc:  # MLflow unreachable: retry until the deadline
+            if time.monotonic() >= deadline:
+                print(f"[ioulab] MLflow at {uri} unreachable ({type(exc).__name__}); trial runs not "
+                      f"finalized: run `ioulab sweep {plan.space_file} --resume` (same options) once it is back",
+                      file=sys.stderr)
+                complete = False
+                break
+            time.sleep(2.0)
+
+    best = best_trial(plan, records)
+    summary = {"sweep": plan.name, "sweep_id": state["sweep_id"], "space_file": plan.space_file,
+               "metric": plan.metric, "mode": plan.mode, "result_stage": plan.result_stage,
+               "varying_keys": plan.varying_keys, "baseline": plan.baseline,
+               "best": None if best is None else {"trial_id": best.trial_id, "run_id": best.run_id,
+                                                  "label": best.label, plan.metric: best.metrics.get(plan.metric)},
+               "trials": [{"stage": t.stage, "index": t.index, "label": t.label, "trial_id": t.trial_id,
+                           "run_id": t.run_id, "status": t.status, "values": t.values, "metrics": t.metrics,
+                           "node_ids": t.node_ids, "seconds": t.seconds, "checkpoint": t.checkpoint,
+                           "train_trial_id": t.train_trial_id, "error": t.error} for t in records]}
+    folder = Path(root) if not _is_uri(root) else Path(tempfile.mkdtemp(prefix="ioulab-summary-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (folder / "summary.md").write_text(summary_markdown(plan, records, best))
+    (folder / "space.yaml").write_text(plan.source_text)
+    if _is_uri(root):
+        for name in ("summary.json", "summary.md"):
+            _write_text(_join(root, name), (folder / name).read_text())
+
+    for name in ("summary.md", "summary.json", "space.yaml"):
+        parent.log_artifact(folder / name)
+    counts = {s: sum(t.status == s for t in records) for s in ("FINISHED", "FAILED", "STOPPED")}
+    tags = {f"ioulab.trials_{s.lower()}": str(n) for s, n in counts.items()}
+    if best is not None:
+        tags |= {"ioulab.best_trial_id": best.trial_id, "ioulab.best_run_id": best.run_id or "",
+                 "ioulab.best_label": best.label}
+        parent.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if not k.startswith("loss/")}, 0)
+    parent.set_tags(tags)
+    parent.deliver(max(0.0, deadline - time.monotonic()))
+    complete &= parent.close("FINISHED")
+    return best, complete

@@ -1,0 +1,536 @@
+"""Search space files (``search_spaces/*.yaml``): schema, validation and the trial plan.
+
+A space file names a base config, the grid as dotted config keys, resources per trial, the metric
+and the concurrency. This module reads it, checks everything before Ray starts (errors name the
+file and the key), and expands it into a :class:`Plan`: the training trials and the evaluation
+trials of the sweep. It imports neither Ray, MLflow nor torch.
+
+Schema (every key optional except a grid or variants)::
+
+    name: box_loss                     # sweep name (default: the file name)
+    description: text
+    base: cpu_tiny                     # preset or config YAML (relative to this file)
+    set: {train.max_iters: 500}        # fixed overrides of every trial
+    grid:                              # cartesian product of dotted keys
+      train.seed: [0, 1]
+    variants:                          # coupled values: one list entry per point, crossed with grid
+      - {model.roi_heads.box_loss.type: smooth_l1}
+      - {model.roi_heads.box_loss.type: giou, model.roi_heads.box_loss.weight: 12.0}
+    baseline: {model.roi_heads.box_loss.type: smooth_l1}   # default: the first point
+    metric: AP                         # AP AP50 ... APl; mode: max | min
+    resources: {cpu: 1, gpu: 0}        # per trial; fractional GPUs allowed
+    concurrency: 2                     # trials at a time
+    max_failures: 2                    # retries of a trial (node loss, crash) from its checkpoint
+    early_stopping: {type: asha, grace_period: 200, reduction_factor: 2}   # needs train.eval_period
+    checkpoint: runs/x/checkpoints/model_0001000.pth    # or mlflow:<run id>: evaluate, train nothing
+                                       # (--checkpoint on the command line: the same, train: ignored)
+    train: {set: {...}, resources: {...}, concurrency: N}   # the training stage only
+    eval: {resources: {...}, concurrency: N}                # the evaluation stage only
+    profiles: {cpu: {...}, r50: {...}} # named overrides of the keys above; --profile NAME
+                                       # (set and grid merge key by key, the rest replaces)
+    default_profile: cpu
+
+Stages. ``inference.*`` keys change no weights. Every grid point is split into its training part
+(all other keys) and its inference part. With ``checkpoint:`` nothing is trained and every point
+is one evaluation of that checkpoint. Otherwise each distinct training part is trained once; if any
+point has an inference part, every point is then one evaluation of the model of its training part
+(a grid of 6 ``inference.*`` values = one training + six evaluations).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ioulab.detector import config as C
+
+# The keys of detector.engine.evaluate.METRIC_KEYS (not imported: that module imports torch and
+# validation must stay fast; a test checks that both lists agree).
+METRICS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "APs", "APm", "APl")
+INFERENCE_PREFIX = "inference."
+MLFLOW_PREFIX = "mlflow:"
+
+TOP_KEYS = ("name", "description", "base", "set", "grid", "variants", "baseline", "metric", "mode",
+            "resources", "concurrency", "max_failures", "early_stopping", "checkpoint", "train",
+            "eval", "profiles", "default_profile", "keep_checkpoints")
+PROFILE_KEYS = ("base", "set", "grid", "variants", "baseline", "resources", "concurrency", "max_failures",
+                "early_stopping", "checkpoint", "train", "eval", "description", "keep_checkpoints")
+STAGE_KEYS = {"train": ("set", "resources", "concurrency"), "eval": ("resources", "concurrency")}
+RESOURCE_KEYS = ("cpu", "gpu")
+EARLY_STOPPING_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
+
+
+class SpaceError(ValueError):
+    """The space file is invalid; the message names the file and the key."""
+
+
+@dataclass
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def as_tune(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+
+@dataclass
+class StageSettings:
+    resources: Resources
+    concurrency: int
+
+
+@dataclass
+class EarlyStopping:
+    """ASHA on the validation metric; ``time`` is the training iteration."""
+
+    grace_period: int
+    reduction_factor: float
+    max_t: int
+
+
+@dataclass
+class Point:
+    """One trial: ``overrides`` are the dotted keys this trial sets on top of the fixed config."""
+
+    index: int
+    overrides: dict[str, Any]
+    label: str
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "overrides": self.overrides, "label": self.label}
+
+
+@dataclass
+class EvalPoint(Point):
+    train_index: int | None = None  # index into Plan.train_points, None: the given checkpoint
+
+    def to_json(self) -> dict:
+        return super().to_json() | {"train_index": self.train_index}
+
+
+@dataclass
+class Plan:
+    """What a sweep runs. ``config`` is the fixed config of every trial (base + set + --set) as a
+    dict (``config.to_dict``); points add their overrides to it."""
+
+    name: str
+    space_file: str
+    profile: str | None
+    config: dict
+    train_config: dict               # ``config`` + the training stage's ``set``
+    train_points: list[Point]
+    eval_points: list[EvalPoint]
+    eval_overrides: dict[str, Any]   # fixed non-model/non-train overrides applied when evaluating
+    checkpoint: str | None           # the given checkpoint source (path or mlflow:<id>)
+    metric: str
+    mode: str
+    train: StageSettings
+    eval: StageSettings
+    max_failures: int
+    keep_checkpoints: int
+    early_stopping: EarlyStopping | None
+    varying_keys: list[str]
+    baseline: dict[str, Any]
+    description: str = ""
+    source_text: str = field(default="", repr=False)
+
+    @property
+    def result_stage(self) -> str:
+        """The stage whose trials hold the sweep's results."""
+        return "eval" if self.eval_points else "train"
+
+    def fingerprint(self) -> str:
+        """Changes whenever the trials of the plan would change (checked by ``--resume``)."""
+        payload = {"train_config": self.train_config, "eval_overrides": self.eval_overrides,
+                   "train": [p.to_json() for p in self.train_points],
+                   "eval": [p.to_json() for p in self.eval_points], "checkpoint": self.checkpoint}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking
+# ----------------------------------------------------------------------------------------------
+def _near(word: str, options) -> str:
+    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(near)}?" if near else f" (allowed: {', '.join(options)})"
+
+
+def _check_keys(data: Mapping, allowed, where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise SpaceError(f"{where}: unknown key {key!r}{_near(str(key), allowed)}")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpaceError(f"{where} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _number(value: Any, where: str, minimum: float, inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpaceError(f"{where} must be a number, got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        raise SpaceError(f"{where} must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpaceError(f"{where} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpaceError(f"{where} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _resources(value: Any, where: str, default: Resources) -> Resources:
+    data = _mapping(value, where)
+    _check_keys(data, RESOURCE_KEYS, where)
+    cpu = _number(data.get("cpu", default.cpu), f"{where}.cpu", 0, inclusive=False)
+    gpu = _number(data.get("gpu", default.gpu), f"{where}.gpu", 0)
+    if gpu > 1 and not float(gpu).is_integer():
+        raise SpaceError(f"{where}.gpu: fractions are only allowed below 1 GPU, got {gpu!r}")
+    return Resources(cpu, gpu)
+
+
+def _overrides(value: Any, where: str) -> dict[str, Any]:
+    """A mapping of dotted config keys (a nested section is flattened)."""
+    out: dict[str, Any] = {}
+
+    def walk(data: Mapping, prefix: str) -> None:
+        for key, item in data.items():
+            if not isinstance(key, str):
+                raise SpaceError(f"{where}: keys must be dotted config keys, got {key!r}")
+            if isinstance(item, Mapping):
+                walk(item, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = item
+
+    walk(_mapping(value, where), "")
+    return out
+
+
+def _apply(cfg: C.Config, overrides: Mapping[str, Any], source: str) -> None:
+    try:
+        C.apply_overrides(cfg, dict(overrides), source=source)
+    except C.ConfigError as exc:
+        raise SpaceError(str(exc)) from None
+
+
+def is_inference_key(key: str) -> bool:
+    return key.startswith(INFERENCE_PREFIX)
+
+
+def _merge_profile(data: dict, profile: str | None, where: str) -> tuple[dict, str | None]:
+    profiles = _mapping(data.pop("profiles", None), f"{where}: profiles")
+    default = data.pop("default_profile", None)
+    if not profiles:
+        if profile is not None:
+            raise SpaceError(f"{where}: --profile {profile!r} given but the file defines no profiles")
+        if default is not None:
+            raise SpaceError(f"{where}: default_profile without profiles")
+        return data, None
+    if default is not None and default not in profiles:
+        raise SpaceError(f"{where}: default_profile {default!r} is not a profile{_near(str(default), profiles)}")
+    chosen = profile or default or next(iter(profiles))
+    if chosen not in profiles:
+        raise SpaceError(f"{where}: unknown profile {chosen!r}{_near(chosen, profiles)}")
+    body = _mapping(profiles[chosen], f"{where}: profiles.{chosen}")
+    _check_keys(body, PROFILE_KEYS, f"{where}: profiles.{chosen}")
+    merged = dict(data)
+    for key, value in body.items():
+        if key == "set":  # a profile's set adds to (and wins over) the common set
+            merged["set"] = {**_overrides(data.get("set"), f"{where}: set"),
+                             **_overrides(value, f"{where}: profiles.{chosen}.set")}
+        elif key == "grid":  # a profile's grid adds keys to (or replaces keys of) the common grid
+            merged["grid"] = {**_mapping(data.get("grid"), f"{where}: grid"),
+                              **_mapping(value, f"{where}: profiles.{chosen}.grid")}
+        elif key in ("train", "eval") and isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+            stage = dict(data[key])
+            for sub, sub_value in value.items():
+                if sub == "set":
+                    stage["set"] = {**_overrides(stage.get("set"), f"{where}: {key}.set"),
+                                    **_overrides(sub_value, f"{where}: profiles.{chosen}.{key}.set")}
+                else:
+                    stage[sub] = sub_value
+            merged[key] = stage
+        else:
+            merged[key] = value
+    return merged, chosen
+
+
+def _points(grid: dict[str, list], variants: list[dict]) -> list[dict[str, Any]]:
+    """Variants (outer) × the cartesian product of the grid keys in file order."""
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    return [{**variant, **combo} for variant in (variants or [{}]) for combo in combos]
+
+
+def _short(key: str) -> str:
+    return ".".join(key.split(".")[-2:])
+
+
+def _label(values: Mapping[str, Any]) -> str:
+    return ",".join(f"{_short(k)}={v}" for k, v in values.items()) or "default"
+
+
+def _unique(parts: list[dict]) -> list[dict]:
+    seen: list[dict] = []
+    for part in parts:
+        if part not in seen:
+            seen.append(part)
+    return seen
+
+
+def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = (),
+               profile: str | None = None, name: str | None = None, checkpoint: str | None = None) -> Plan:
+    """Read and validate a space file; return its plan. Raises :class:`SpaceError`.
+
+    ``checkpoint`` (``--checkpoint``) replaces the file's ``checkpoint:`` and its training stage:
+    the sweep then evaluates that checkpoint only."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise SpaceError(f"{where}: no such space file")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise SpaceError(f"{where}: expected a mapping at the top level")
+    data = dict(raw)
+    _check_keys(data, TOP_KEYS, where)
+    data, chosen = _merge_profile(data, profile, where)
+    if checkpoint is not None:
+        data["checkpoint"] = checkpoint
+        if isinstance(data.get("train"), Mapping):
+            data["train"] = {k: v for k, v in data["train"].items() if k != "set"}
+
+    # -- the fixed config: base + set + --set ---------------------------------------------------
+    base = data.get("base", C.DEFAULT_PRESET)
+    if not isinstance(base, str):
+        raise SpaceError(f"{where}: base must be a preset name or a YAML path, got {base!r}")
+    if base not in C.preset_names():
+        candidate = (path.parent / base)
+        if not candidate.is_file():
+            raise SpaceError(f"{where}: base {base!r} is neither a preset ({', '.join(C.preset_names())}) "
+                             f"nor a file next to the space file")
+        base = str(candidate.resolve())
+    try:
+        cfg = C.load_config(base)
+    except C.ConfigError as exc:
+        raise SpaceError(f"{where}: base: {exc}") from None
+    fixed = _overrides(data.get("set"), f"{where}: set")
+    _apply(cfg, fixed, f"{where} (set)")
+    if isinstance(cli_overrides, Mapping):
+        cli = dict(cli_overrides)
+    else:
+        try:
+            cli = dict(C.parse_override(o) for o in cli_overrides)
+        except C.ConfigError as exc:
+            raise SpaceError(str(exc)) from None
+    _apply(cfg, cli, "--set")
+
+    # -- stages ----------------------------------------------------------------------------------
+    resources = _resources(data.get("resources"), f"{where}: resources", Resources())
+    concurrency = _integer(data.get("concurrency", 1), f"{where}: concurrency", 1)
+    stages: dict[str, StageSettings] = {}
+    stage_set: dict[str, Any] = {}
+    for stage, allowed in STAGE_KEYS.items():
+        body = _mapping(data.get(stage), f"{where}: {stage}")
+        _check_keys(body, allowed, f"{where}: {stage}")
+        stages[stage] = StageSettings(
+            _resources(body.get("resources"), f"{where}: {stage}.resources", resources) if "resources" in body else resources,
+            _integer(body.get("concurrency", concurrency), f"{where}: {stage}.concurrency", 1))
+        if stage == "train":
+            stage_set = _overrides(body.get("set"), f"{where}: train.set")
+            for key in stage_set:
+                if is_inference_key(key):
+                    raise SpaceError(f"{where}: train.set.{key}: inference keys belong in set or grid "
+                                     "(the training stage trains; evaluations apply inference keys)")
+
+    # -- the grid ---------------------------------------------------------------------------------
+    grid_raw = _mapping(data.get("grid"), f"{where}: grid")
+    grid: dict[str, list] = {}
+    for key, values in grid_raw.items():
+        if isinstance(values, Mapping):
+            raise SpaceError(f"{where}: grid.{key}: use dotted keys (grid: {{a.b.c: [1, 2]}})")
+        if not isinstance(values, list) or not values:
+            raise SpaceError(f"{where}: grid.{key} must be a non-empty list of values, got {values!r}")
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+            raise SpaceError(f"{where}: grid.{key} lists a value twice: {values!r}")
+        grid[str(key)] = values
+    variants_raw = data.get("variants")
+    variants: list[dict] = []
+    if variants_raw is not None:
+        if not isinstance(variants_raw, list) or not variants_raw:
+            raise SpaceError(f"{where}: variants must be a non-empty list of mappings of dotted keys")
+        for i, variant in enumerate(variants_raw):
+            v = _overrides(variant, f"{where}: variants[{i}]")
+            if not v:
+                raise SpaceError(f"{where}: variants[{i}] is empty")
+            variants.append(v)
+        if len({json.dumps(v, sort_keys=True, default=str) for v in variants}) != len(variants):
+            raise SpaceError(f"{where}: variants lists the same variant twice")
+    if not grid and not variants:
+        raise SpaceError(f"{where}: nothing to sweep: give a grid and/or variants")
+    variant_keys = {k for v in variants for k in v}
+    for key in grid:
+        if key in variant_keys:
+            raise SpaceError(f"{where}: grid.{key} is also set by variants; set each key in one place")
+    for key in (*grid, *variant_keys):
+        if key in cli:
+            raise SpaceError(f"--set {key}: the key varies in {where}; it cannot be fixed too")
+        if key in fixed:
+            raise SpaceError(f"{where}: set.{key}: the key also varies in the grid/variants")
+        if key in stage_set:
+            raise SpaceError(f"{where}: train.set.{key}: the key also varies in the grid/variants")
+
+    # Validate every value where it is written (file + key), then every point as a whole.
+    for key, values in grid.items():
+        for value in values:
+            _apply(C.clone(cfg), {key: value}, f"{where} (grid)")
+    for i, variant in enumerate(variants):
+        _apply(C.clone(cfg), variant, f"{where} (variants[{i}])")
+    points = _points(grid, variants)
+
+    checkpoint = data.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
+        raise SpaceError(f"{where}: checkpoint must be a path or mlflow:<run id>, got {checkpoint!r}")
+    train_cfg = C.clone(cfg)
+    _apply(train_cfg, stage_set, f"{where} (train.set)")
+
+    flats = []
+    for overrides in points:
+        full = C.clone(train_cfg)
+        _apply(full, overrides, f"{where} (grid point {_label(overrides)})")
+        flats.append(C.flatten(full))
+    varying = [k for k in flats[0] if len({json.dumps(f[k], default=str) for f in flats}) > 1]
+    if not varying:
+        raise SpaceError(f"{where}: the grid does not change any config value")
+
+    # -- stages of the plan ----------------------------------------------------------------------
+    def train_part(p: dict) -> dict:
+        return {k: v for k, v in p.items() if not is_inference_key(k)}
+
+    def infer_part(p: dict) -> dict:
+        return {k: v for k, v in p.items() if is_inference_key(k)}
+
+    eval_fixed = {k: v for k, v in {**fixed, **cli}.items() if not k.startswith(("model.", "train."))}
+    train_points: list[Point] = []
+    eval_points: list[EvalPoint] = []
+    if checkpoint is not None:
+        for key in (*grid, *variant_keys, *stage_set):
+            if not is_inference_key(key):
+                raise SpaceError(f"{where}: {key} changes the trained model, but checkpoint: fixes the "
+                                 "model; remove checkpoint: to train one model per value")
+        if data.get("early_stopping") is not None:
+            raise SpaceError(f"{where}: early_stopping needs training; this sweep only evaluates {checkpoint}")
+        checkpoint = checkpoint.strip()
+        eval_points = [EvalPoint(i, p, _label(p), None) for i, p in enumerate(points)]
+    else:
+        parts = _unique([train_part(p) for p in points])
+        train_points = [Point(i, p, _label(p)) for i, p in enumerate(parts)]
+        if any(infer_part(p) for p in points):
+            eval_points = [EvalPoint(i, infer_part(p), _label(p), parts.index(train_part(p)))
+                           for i, p in enumerate(points)]
+
+    # -- metric, failures, early stopping, baseline ------------------------------------------------
+    metric = data.get("metric", "AP")
+    if metric not in METRICS:
+        raise SpaceError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
+    mode = data.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise SpaceError(f"{where}: mode must be max or min, got {mode!r}")
+    max_failures = _integer(data.get("max_failures", 2), f"{where}: max_failures", -1)
+    keep = _integer(data.get("keep_checkpoints", 2), f"{where}: keep_checkpoints", 1)
+    early = None
+    if data.get("early_stopping") is not None:
+        es = _mapping(data["early_stopping"], f"{where}: early_stopping")
+        _check_keys(es, EARLY_STOPPING_KEYS, f"{where}: early_stopping")
+        if es.get("type", "asha") != "asha":
+            raise SpaceError(f"{where}: early_stopping.type must be asha, got {es.get('type')!r}")
+        tcfg = train_cfg.train
+        if tcfg.eval_period <= 0:
+            raise SpaceError(f"{where}: early_stopping needs validation AP during training: "
+                             "set train.eval_period > 0")
+        if tcfg.eval_period % tcfg.checkpoint_period:
+            raise SpaceError(f"{where}: early_stopping: train.eval_period ({tcfg.eval_period}) must be a "
+                             f"multiple of train.checkpoint_period ({tcfg.checkpoint_period})")
+        max_t = es.get("max_t", tcfg.max_iters)
+        if not max_t:
+            raise SpaceError(f"{where}: early_stopping.max_t is needed when train.max_iters is 0")
+        early = EarlyStopping(_integer(es.get("grace_period", tcfg.eval_period), f"{where}: early_stopping.grace_period", 1),
+                              _number(es.get("reduction_factor", 2), f"{where}: early_stopping.reduction_factor", 1, inclusive=False),
+                              _integer(max_t, f"{where}: early_stopping.max_t", 1))
+    baseline_raw = data.get("baseline")
+    if baseline_raw is None:
+        baseline = {k: flats[0][k] for k in varying}
+    else:
+        baseline = _overrides(baseline_raw, f"{where}: baseline")
+        for key, value in baseline.items():
+            if key not in varying:
+                raise SpaceError(f"{where}: baseline.{key} does not vary in this sweep{_near(key, varying)}")
+            _apply(C.clone(train_cfg), {key: value}, f"{where} (baseline)")
+        typed = C.clone(train_cfg)
+        _apply(typed, baseline, f"{where} (baseline)")
+        baseline = {k: C.flatten(typed)[k] for k in baseline}
+        matching = [f for f in flats if all(f[k] == v for k, v in baseline.items())]
+        if not matching:
+            raise SpaceError(f"{where}: baseline {baseline} matches no grid point")
+        # Complete it with the keys its points agree on (the coupled values of its variant).
+        baseline |= {k: matching[0][k] for k in varying if k not in baseline
+                     and all(f[k] == matching[0][k] for f in matching)}
+        baseline = {k: baseline[k] for k in varying if k in baseline}
+
+    sweep_name = name or data.get("name") or path.stem
+    if chosen and not name and not data.get("name"):
+        sweep_name = f"{path.stem}-{chosen}"
+    elif chosen and not name:
+        sweep_name = f"{sweep_name}-{chosen}"
+    if not isinstance(sweep_name, str) or not sweep_name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SpaceError(f"{where}: name {sweep_name!r} must use letters, digits, '-', '_' or '.'")
+    description = data.get("description", "")
+    return Plan(
+        name=sweep_name, space_file=str(path), profile=chosen, config=C.to_dict(cfg),
+        train_config=C.to_dict(train_cfg), train_points=train_points, eval_points=eval_points,
+        eval_overrides=eval_fixed, checkpoint=checkpoint, metric=metric, mode=mode,
+        train=stages["train"], eval=stages["eval"], max_failures=max_failures, keep_checkpoints=keep,
+        early_stopping=early, varying_keys=varying, baseline=baseline,
+        description=str(description or ""), source_text=text)
+
+
+def trial_config(plan: Plan, point: Point) -> C.Config:
+    """The full config of a training point."""
+    cfg = C.from_dict(copy.deepcopy(plan.train_config), source=f"{plan.space_file} (plan)")
+    C.apply_overrides(cfg, dict(point.overrides), source=f"{plan.space_file} (grid)")
+    return cfg
+
+
+def describe(plan: Plan) -> str:
+    """A human summary of the plan (``ioulab sweep --dry-run``)."""
+    lines = [f"sweep {plan.name} ({plan.space_file}{', profile ' + plan.profile if plan.profile else ''})",
+             f"  varying: {', '.join(plan.varying_keys)}",
+             f"  metric: {plan.metric} ({plan.mode})"]
+    if plan.train_points:
+        r = plan.train.resources
+        lines.append(f"  training trials: {len(plan.train_points)} (cpu {r.cpu:g}, gpu {r.gpu:g}, "
+                     f"{plan.train.concurrency} at a time)")
+        lines += [f"    train {p.index:3d}  {p.label}" for p in plan.train_points]
+    if plan.eval_points:
+        r = plan.eval.resources
+        source = plan.checkpoint or "the training trials"
+        lines.append(f"  evaluation trials: {len(plan.eval_points)} of {source} (cpu {r.cpu:g}, "
+                     f"gpu {r.gpu:g}, {plan.eval.concurrency} at a time)")
+        lines += [f"    eval  {p.index:3d}  {p.label}" for p in plan.eval_points]
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""Tune trainables: thin adapters over the detector's single-run trainer and evaluator.
+
+``train_trial(config)``: one training run. Every checkpoint the trainer writes is reported to Tune
+(``tune.report(metrics, checkpoint=...)``, via ``on_checkpoint``); a retried or restored trial
+copies its last Tune checkpoint into ``out_dir/checkpoints`` and continues it exactly
+(``train(resume=True)``). ``eval_trial(config)``: one evaluation of a trained checkpoint with
+inference-time overrides; it trains nothing.
+
+Each trial logs into exactly one MLflow child run, found again by its Tune trial id on retry or
+restore. MLflow records not yet delivered travel inside each Tune checkpoint
+(``mlflow_pending.json``) and, at the end of an attempt, into the sweep's spool folder; the driver
+replays both, so an outage loses nothing.
+
+``config`` (the Tune param space): ``{"ioulab": <sweep context>, "trial": <name of a point>}``
+(the grid is over point names, so Tune's status table reads ``train-002 box_loss.type=giou,...``).
+Context: sweep, sweep_id, experiment, tracking_uri, parent_run_id, spool_dir, stage, stage_dir
+(the stage's Tune experiment folder), config (the stage's fixed config, ``config.to_dict``),
+eval_overrides, points (name → point). Point: index, label, overrides; for evaluations also
+checkpoint (path, URI or ``runs:/<run id>/<artifact>``), train_trial_id, train_run_id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from ioulab.detector import config as C
+from ioulab.detector.engine.evaluate import evaluate_checkpoint
+from ioulab.detector.engine.train import train
+from ioulab.platform.tracking import PARENT_TAG, MlflowRun
+
+PENDING_FILE = "mlflow_pending.json"
+FINAL_FILE = "final.json"
+_CKPT_NAME = re.compile(r"^model_(\d{7})\.pth$")
+
+
+class _TeeLogger:
+    """The trainer's logger: forwards to MLflow and keeps the newest value of every metric."""
+
+    def __init__(self, tracker: MlflowRun):
+        self.tracker = tracker
+        self.latest: dict[str, float] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.latest.update(metrics)
+        self.tracker.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path) -> None:
+        self.tracker.log_artifact(path)
+
+
+def point_name(stage: str, point: dict) -> str:
+    return f"{stage}-{point['index']:03d} {point['label']}"
+
+
+def point_of(config: dict) -> dict:
+    """The grid point of a trial's config."""
+    return config["ioulab"]["points"][config["trial"]]
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _use_assigned_cpus() -> None:
+    """One torch thread per CPU Tune gave this trial (the default would be every core)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def open_trial_run(ctx: dict, point: dict, trial_id: str, extra_tags: dict[str, str]) -> MlflowRun:
+    """The trial's MLflow child run: created once, found again by (sweep id, trial id)."""
+    stage = ctx["stage"]
+    tags = {"ioulab.role": "trial", "ioulab.sweep": ctx["sweep"], "ioulab.stage": stage,
+            "ioulab.point": json.dumps(point["overrides"], sort_keys=True), "ioulab.label": point["label"],
+            "ioulab.point_index": str(point["index"]), "ioulab.trial_status": "RUNNING"}
+    if ctx.get("parent_run_id"):
+        tags[PARENT_TAG] = ctx["parent_run_id"]
+    spool = None
+    if ctx.get("spool_dir"):
+        spool = Path(ctx["spool_dir"]) / f"{trial_id}-{uuid.uuid4().hex[:8]}.jsonl"
+    tracker = MlflowRun(ctx["tracking_uri"], ctx["experiment"], run_name=point_name(stage, point), tags=tags, find_tags={"ioulab.sweep_id": ctx["sweep_id"], "ray.trial_id": trial_id},
+                        spool=spool or Path.cwd() / f"{PENDING_FILE}l")
+    # Dynamic tags (set again on every attempt: a re-attached run keeps its creation tags).
+    tracker.set_tags({"ioulab.trial_status": "RUNNING", **extra_tags})
+    return tracker
+
+
+def _restore_checkpoint(out_dir: Path, tracker: MlflowRun) -> int:
+    """Continue from the trial's last Tune checkpoint: its model file goes into
+    ``out_dir/checkpoints`` (anything newer there is removed, so the run continues exactly that
+    checkpoint) and its undelivered MLflow records are queued again. Returns its iteration."""
+    ckpt_dir = out_dir / "checkpoints"
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    try:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            files = sorted(p for p in d.iterdir() if _CKPT_NAME.match(p.name))
+            if files:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(files[-1], ckpt_dir / files[-1].name)
+            if (d / PENDING_FILE).exists():
+                tracker.requeue(json.loads((d / PENDING_FILE).read_text()))
+            return int(_CKPT_NAME.match(files[-1].name).group(1)) if files else 0
+    except (OSError, ValueError) as exc:  # a checkpoint that vanished: start over, do not fail
+        print(f"[ioulab] cannot restore the trial checkpoint ({exc}); training from the start")
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        return 0
+
+
+def _report(result: dict[str, Any], tracker: MlflowRun, model_file: Path | None = None,
+            final: bool = False) -> None:
+    """``tune.report`` with a checkpoint folder: the model file (hard link, no copy), the MLflow
+    records still pending, and for the last report of a trial ``final.json`` (a restore that finds
+    it re-reports the result instead of running the trial again)."""
+    with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".report-") as d:
+        d = Path(d)
+        if model_file is not None:
+            try:
+                os.link(model_file, d / model_file.name)
+            except OSError:
+                shutil.copy2(model_file, d / model_file.name)
+        (d / PENDING_FILE).write_text(json.dumps(tracker.pending_records()))
+        if final:
+            (d / FINAL_FILE).write_text(json.dumps(result))
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(d)))
+
+
+def _finished_result(ctx: dict, point: dict, trial_id: str) -> dict | None:
+    """The final result of this trial if it had already finished: a restore after the driver died
+    finds ``final.json`` in the trial's last checkpoint, or in a newer checkpoint folder the dead
+    driver never registered (Tune's experiment snapshot can lag the trial's last report)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        try:
+            with checkpoint.as_directory() as d:
+                path = Path(d) / FINAL_FILE
+                if path.exists():
+                    return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    if not ctx.get("stage_dir"):
+        return None
+    import pyarrow.fs
+
+    try:
+        trial_dir = f"{ctx['stage_dir'].rstrip('/')}/{point_name(ctx['stage'], point).split(' ')[0]}_{trial_id}"
+        fs, path = pyarrow.fs.FileSystem.from_uri(trial_dir)
+        found = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+                       if i.base_name.startswith("checkpoint_"))
+        for folder in reversed(found):
+            if fs.get_file_info(f"{folder}/{FINAL_FILE}").type == pyarrow.fs.FileType.File:
+                with fs.open_input_stream(f"{folder}/{FINAL_FILE}") as f:
+                    return json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def train_trial(config: dict) -> None:
+    """Tune trainable of the training stage."""
+    started = time.perf_counter()
+    ctx, point = config["ioulab"], point_of(config)
+    node = _node_id()
+    trial_id = tune.get_context().get_trial_id()
+    finished = _finished_result(ctx, point, trial_id)
+    if finished is not None:  # already done: report it again, touch nothing
+        tune.report({**finished, "node_id": node, "restored_final": 1})
+        return
+    _use_assigned_cpus()
+    cfg = C.from_dict(ctx["config"], source="sweep config")
+    C.apply_overrides(cfg, dict(point["overrides"]), source="sweep grid point")
+    out_dir = Path.cwd() / "run"
+    tracker = open_trial_run(ctx, point, trial_id, {"ioulab.node_id": node, "ioulab.run_dir": str(out_dir)})
+    logger = _TeeLogger(tracker)
+    start_iteration = _restore_checkpoint(out_dir, tracker)
+    base = {"node_id": node, "stage": "train", "point_index": point["index"], "final": 0}
+
+    def on_checkpoint(iteration: int, path: Path, metrics: dict[str, float] | None) -> None:
+        values = {k: v for k, v in logger.latest.items() if k.startswith("loss/")}
+        _report({**values, **(metrics or {}), **base, "iteration": iteration}, tracker, Path(path))
+
+    try:
+        result = train(cfg, out_dir, logger=logger, resume=True, on_checkpoint=on_checkpoint, progress=False)
+    except BaseException:
+        tracker.set_tags({"ioulab.trial_status": "FAILED"})
+        tracker.close("FAILED")
+        raise
+    losses = {k: v for k, v in logger.latest.items() if k.startswith("loss/")}
+    # The final report first, MLflow's FINISHED second: once MLflow says FINISHED, a restore finds
+    # final.json and does not run the trial again.
+    _report({**losses, **result.metrics, **base, "final": 1, "iteration": result.iterations,
+             "trial_seconds": time.perf_counter() - started, "resumed_from": start_iteration,
+             "seconds_per_iter": result.seconds_per_iter}, tracker, Path(result.checkpoint), final=True)
+    tracker.set_tags({"ioulab.trial_status": "FINISHED"})
+    tracker.close("FINISHED")
+
+
+def fetch_checkpoint(ref: str, dest: Path, tracking_uri: str) -> Path:
+    """A local copy (or the file itself) of a checkpoint reference: a local path, a URI that
+    pyarrow reads (``s3://...``), or an MLflow artifact ``runs:/<run id>/<path>``."""
+    if ref.startswith("runs:/"):
+        import mlflow.artifacts
+
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest),
+                                                        tracking_uri=tracking_uri))
+    if "://" in ref and not ref.startswith("file://"):
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(ref)
+        dest.mkdir(parents=True, exist_ok=True)
+        local = dest / Path(path).name
+        with fs.open_input_stream(path) as src, local.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return local
+    return Path(ref.removeprefix("file://"))
+
+
+def eval_trial(config: dict) -> None:
+    """Tune trainable of the evaluation stage: evaluate one checkpoint once, train nothing."""
+    started = time.perf_counter()
+    ctx, point = config["ioulab"], point_of(config)
+    node = _node_id()
+    trial_id = tune.get_context().get_trial_id()
+    finished = _finished_result(ctx, point, trial_id)
+    if finished is not None:
+        tune.report({**finished, "node_id": node, "restored_final": 1})
+        return
+    _use_assigned_cpus()
+    tags = {"ioulab.node_id": node, "ioulab.checkpoint": point["checkpoint"]}
+    if point.get("train_run_id"):
+        tags["ioulab.train_run_id"] = point["train_run_id"]
+    if point.get("train_trial_id"):
+        tags["ioulab.train_trial_id"] = point["train_trial_id"]
+    tracker = open_trial_run(ctx, point, trial_id, tags)
+    out_dir = Path.cwd() / "eval"
+    try:
+        local = fetch_checkpoint(point["checkpoint"], out_dir / "input", ctx["tracking_uri"])
+        overrides = {**ctx["eval_overrides"], **point["overrides"]}
+        metrics, cfg = evaluate_checkpoint(local, overrides, out_dir=out_dir, progress=False)
+        match = _CKPT_NAME.match(local.name)
+        step = int(match.group(1)) if match else 0
+        (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
+        tracker.log_params(C.flatten(cfg))
+        tracker.log_metrics(metrics, step)
+        tracker.log_artifact(out_dir / "config.yaml")
+        tracker.log_artifact(out_dir / "metrics.json")
+    except BaseException:
+        tracker.set_tags({"ioulab.trial_status": "FAILED"})
+        tracker.close("FAILED")
+        raise
+    _report({**metrics, "node_id": node, "stage": "eval", "point_index": point["index"], "final": 1,
+             "iteration": step, "trial_seconds": time.perf_counter() - started}, tracker, final=True)
+    tracker.set_tags({"ioulab.trial_status": "FINISHED"})
+    tracker.close("FINISHED")
