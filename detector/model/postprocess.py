@@ -94,9 +94,13 @@ class RefinePost:
         boxes = torch.cat([k[0] for k in kept])
         labels = torch.cat([k[2] for k in kept])
         wh = torch.cat([boxes.new_tensor([[w, h]]).expand(n, 2) for (h, w), n in zip(image_shapes, counts)])
+        image_of = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device),
+                                           torch.tensor(counts, device=boxes.device))
 
-        def predicted_iou(b: Tensor) -> Tensor:
-            return heads.iou_predictor(features, list(b.split(counts)), labels, image_shapes)
+        def predicted_iou(b: Tensor, index: Tensor) -> Tensor:
+            # index is ascending, so the active boxes are still grouped by image
+            per_image = torch.bincount(image_of[index], minlength=len(counts)).tolist()
+            return heads.iou_predictor(features, list(b.split(per_image)), labels[index], image_shapes)
 
         refined, ious = refine_boxes(boxes, predicted_iou, wh, self.lam, self.steps, self.omega1, self.omega2)
         out = []

@@ -1,6 +1,7 @@
 """Optimization-based box refinement (IoUNet): gradient ascent on predicted IoU w.r.t. the box.
 
-Shape glossary: D boxes over the whole batch (all images at once: no per-image loop).
+Shape glossary: D boxes over the whole batch (all images at once: no per-image loop), A ≤ D the
+boxes still active at a step.
 
     b ← boxes;  iou ← f(b)
     repeat T times while any box is active:
@@ -10,7 +11,10 @@ Shape glossary: D boxes over the whole batch (all images at once: no per-image l
         iou' = f(b')
         a box stops if |iou' − iou| < Ω1 or iou' − iou < Ω2; active boxes take b', iou'
 
-``f`` maps boxes Tensor[D, 4] to predicted IoU Tensor[D], differentiably (PrRoIPool + IoU head).
+``f(boxes Tensor[A, 4], index Tensor[A]) -> Tensor[A]`` predicts the IoU of the active boxes,
+differentiably (PrRoIPool + IoU head); ``index`` (ascending) says which of the D boxes they are, so
+``f`` can find each box's image and class. Only active boxes are evaluated, and the last step
+needs no gradient: the cost falls as boxes stop.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 from torch import Tensor
 
 MIN_SIZE = 1e-2  # smallest width/height a refined box may have (pixels)
+
+IoUFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 def _valid(boxes: Tensor, limits: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,40 +39,43 @@ def _valid(boxes: Tensor, limits: Tensor) -> tuple[Tensor, Tensor]:
     return out, ok
 
 
-def _iou_and_grad(f: Callable[[Tensor], Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
+def _iou_and_grad(f: IoUFunction, boxes: Tensor, index: Tensor, need_grad: bool = True
+                  ) -> tuple[Tensor, Tensor | None]:
+    if not need_grad:
+        with torch.no_grad():
+            return f(boxes, index), None
     with torch.enable_grad():
         b = boxes.detach().requires_grad_(True)
-        iou = f(b)
+        iou = f(b, index)
         (grad,) = torch.autograd.grad(iou.sum(), b)
     return iou.detach(), grad
 
 
-def refine_boxes(boxes: Tensor, f: Callable[[Tensor], Tensor], image_wh: Tensor, lam: float,
+def refine_boxes(boxes: Tensor, f: IoUFunction, image_wh: Tensor, lam: float,
                  steps: int, omega1: float = 0.001, omega2: float = -0.01) -> tuple[Tensor, Tensor]:
     """boxes Tensor[D, 4] xyxy, image_wh Tensor[D, 2] (width, height of each box's image) →
     (refined boxes Tensor[D, 4], their predicted IoU Tensor[D]). ``steps = 0`` returns the boxes
-    and their IoU unchanged. The gradient of inactive boxes is ignored (each box's IoU depends only
-    on its own coordinates, so one backward pass over the sum serves every box)."""
-    boxes = boxes.detach()
+    and their IoU unchanged. Each box's IoU depends only on its own coordinates, so one backward
+    pass over the sum serves every active box."""
+    boxes = boxes.detach().clone()
     if boxes.numel() == 0:
         return boxes, boxes.new_zeros((0,))
     limits = image_wh.to(boxes)
-    if steps == 0:
-        with torch.no_grad():
-            return boxes, f(boxes)
-    iou, grad = _iou_and_grad(f, boxes)
-    active = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-    for _ in range(steps):
-        if not bool(active.any()):
-            break
-        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-        proposal, ok = _valid(boxes + lam * grad * wh, limits)
-        new_iou, new_grad = _iou_and_grad(f, proposal)
-        delta = new_iou - iou
+    index = torch.arange(len(boxes), device=boxes.device)  # the active boxes
+    iou_a, grad_a = _iou_and_grad(f, boxes, index, need_grad=steps > 0)
+    iou = iou_a.clone()
+    for step in range(steps):
+        b = boxes[index]
+        wh = (b[:, 2:] - b[:, :2]).repeat(1, 2)
+        proposal, ok = _valid(b + lam * grad_a * wh, limits[index])
+        new_iou, new_grad = _iou_and_grad(f, proposal, index, need_grad=step + 1 < steps)
+        delta = new_iou - iou_a
         stop = (delta.abs() < omega1) | (delta < omega2) | ~ok
-        take = active & ok
-        boxes = torch.where(take[:, None], proposal, boxes)
-        iou = torch.where(take, new_iou, iou)
-        grad = torch.where(take[:, None], new_grad, grad)
-        active = active & ~stop
+        boxes[index[ok]] = proposal[ok]
+        iou[index[ok]] = new_iou[ok]
+        go = ~stop
+        if not bool(go.any()):
+            break
+        index, iou_a = index[go], new_iou[go]
+        grad_a = new_grad[go] if new_grad is not None else None
     return boxes, iou

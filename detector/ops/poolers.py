@@ -29,8 +29,14 @@ def multiscale_prroi_pool(features: list[Tensor], boxes: list[Tensor], output_si
     pieces, order = [], []
     for level, (feature, scale) in enumerate(zip(features, scales)):
         members = torch.where(levels == level)[0]
+        if members.numel() == 0:
+            continue  # an empty call still costs an op dispatch and an autograd node
         pieces.append(prroi_pool(feature, rois[members], output_size, scale, backend).to(features[0].dtype))
         order.append(members)
+    if not pieces:
+        return features[0].new_zeros((0, features[0].shape[1], *output_size))
+    if len(pieces) == 1:
+        return pieces[0]  # one level holds every box, in box order (torch.where is sorted)
     # Concatenate and undo the grouping by level (differentiable, unlike filling a buffer in place).
     return torch.cat(pieces)[torch.argsort(torch.cat(order))]
 
