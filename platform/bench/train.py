@@ -27,26 +27,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-r50", action="store_true", help="skip the two ResNet-50 rows")
 
 
-def _time_steps(model, batches, warmup: int, iters: int) -> float:
-    """Median-free mean seconds per SGD step over ``iters`` steps after ``warmup`` steps."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    model.train()
+class _Stepper:
+    """SGD steps of one model on the shared batches; ``timed(n)`` returns the seconds of n steps."""
 
-    def step(i: int) -> None:
-        images, targets = batches[i % len(batches)]
-        out = model(images, targets)
-        weights = getattr(model, "loss_weights", None)
-        loss = sum(out[k] * w for k, w in weights.items()) if weights else sum(out.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def __init__(self, model, batches):
+        self.model, self.batches, self.i = model, batches, 0
+        self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        self.weights = getattr(model, "loss_weights", None)
+        model.train()
 
-    for i in range(warmup):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(iters):
-        step(warmup + i)
-    return (time.perf_counter() - t0) / iters
+    def timed(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            images, targets = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            out = self.model(images, targets)
+            loss = sum(out[k] * w for k, w in self.weights.items()) if self.weights else sum(out.values())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return time.perf_counter() - t0
+
+
+def _seconds_per_step(steppers: list[_Stepper], warmup: int, iters: int, rounds: int = 4) -> list[float]:
+    """Mean seconds per step of each model, the models interleaved in ``rounds`` rounds so that a
+    change of machine load during the run affects every row alike (ratios of a few % stay honest)."""
+    for s in steppers:
+        s.timed(warmup)
+    total = [0.0] * len(steppers)
+    counts = [0] * len(steppers)
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for j, s in enumerate(steppers):
+            total[j] += s.timed(n)
+            counts[j] += n
+    return [t / max(c, 1) for t, c in zip(total, counts)]
 
 
 def run(args) -> BenchResult:
@@ -74,24 +89,32 @@ def run(args) -> BenchResult:
     else:
         variants.append((f"ours {args.config or C.DEFAULT_PRESET}", base))
 
-    rows = []
-    for name, cfg in variants:
+    steppers = []
+    for _, cfg in variants:
         seed_everything(0)
-        sec = _time_steps(build_model(cfg.model, k, cfg.inference), batches, args.warmup, args.iters)
-        rows.append({"model": name, "s/iter": sec, "images/s": batch / sec, "ratio": sec / (rows[0]["s/iter"] if rows else sec)})
+        steppers.append(_Stepper(build_model(cfg.model, k, cfg.inference), batches))
+    seconds = _seconds_per_step(steppers, args.warmup, args.iters)
+    rows = [{"model": name, "s/iter": sec, "images/s": batch / sec, "ratio": sec / seconds[0]}
+            for (name, _), sec in zip(variants, seconds)]
     notes = [f"batch {batch}, images {base.model.min_size}px, {torch.get_num_threads()} threads, "
-             f"{args.iters} timed iterations (ResNet-50 rows: {args.r50_iters}) after {args.warmup} warmup"]
+             f"{args.iters} timed iterations (ResNet-50 rows: {args.r50_iters}) after {args.warmup} warmup; "
+             f"rows interleaved in rounds"]
     if not args.no_r50:
         size = base.model.min_size
         r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}"])
         seed_everything(0)
-        ours = _time_steps(build_model(r50.model, k, r50.inference), batches, 1, args.r50_iters)
+        ours = _Stepper(build_model(r50.model, k, r50.inference), batches)
         seed_everything(0)
-        stock = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k + 1,
-                                        min_size=size, max_size=base.model.max_size)
-        tv = _time_steps(stock, batches, 1, args.r50_iters)
-        rows.append({"model": "ours r50_fpn_1x", "s/iter": ours, "images/s": batch / ours, "ratio": ours / tv})
+        stock = _Stepper(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k + 1,
+                                                 min_size=size, max_size=base.model.max_size), batches)
+        r50_sec, tv = _seconds_per_step([ours, stock], 1, args.r50_iters, rounds=min(args.r50_iters, 3))
+        rows.append({"model": "ours r50_fpn_1x", "s/iter": r50_sec, "images/s": batch / r50_sec,
+                     "ratio": r50_sec / tv})
         rows.append({"model": "torchvision fasterrcnn_resnet50_fpn", "s/iter": tv, "images/s": batch / tv, "ratio": 1.0})
-        notes.append("ratio: against the first row; for the ResNet-50 rows, ours / torchvision's stock model")
+        for row in rows[:len(variants)]:
+            row["vs stock r50"] = row["s/iter"] / tv
+        notes.append("ratio: against the first row; for the ResNet-50 rows, ours / torchvision's stock model "
+                     "at the same image size; vs stock r50: this row's s/iter / the stock model's")
     return BenchResult("training speed (CPU)" if not torch.cuda.is_available() else "training speed",
-                       ["model", "s/iter", "images/s", "ratio"], rows, notes)
+                       ["model", "s/iter", "images/s", "ratio"] + (["vs stock r50"] if not args.no_r50 else []),
+                       rows, notes)

@@ -152,16 +152,19 @@ def storage_root(options: SweepOptions) -> str:
     return str(path.resolve())
 
 
-def tracking_uri(options: SweepOptions) -> str:
-    from ioulab.platform.tracking import absolute_uri, default_tracking_uri
-
-    if options.tracking_uri:
-        return absolute_uri(options.tracking_uri)
-    if cluster_mode(options) and not os.environ.get("MLFLOW_TRACKING_URI"):
+def check_tracking_uri(options: SweepOptions) -> None:
+    """The tracking URI rule that needs no MLflow import (so it is checked before Ray starts)."""
+    if not options.tracking_uri and cluster_mode(options) and not os.environ.get("MLFLOW_TRACKING_URI"):
         raise SweepError("--tracking-uri is required on a cluster: an MLflow server every node reaches "
                          "(e.g. http://<head>:5000); an SQLite file in the job's working directory "
                          "would be lost")
-    return default_tracking_uri()
+
+
+def tracking_uri(options: SweepOptions) -> str:
+    check_tracking_uri(options)
+    from ioulab.platform.tracking import absolute_uri, default_tracking_uri  # imports MLflow (seconds)
+
+    return absolute_uri(options.tracking_uri) if options.tracking_uri else default_tracking_uri()
 
 
 def git_commit(*folders: Path) -> str:
@@ -416,18 +419,23 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
     """Run (or ``options.resume``) the sweep of ``plan``; blocks until every trial has ended."""
     t_start = time.perf_counter()
     root_parent = storage_root(options)
-    uri = tracking_uri(options)
+    check_tracking_uri(options)
     root = _join(root_parent, plan.name)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # ASHA: not every report has AP
 
-    def prepare():  # while Ray starts: data paths (and synthetic data), the MLflow store
+    def prepare() -> str:
+        # While Ray starts (seconds each): data paths (and synthetic data), the MLflow import and
+        # store, the trainables' imports (torch, Tune).
         _prepare_configs(plan, local=not cluster_mode(options))
+        uri = tracking_uri(options)
         try:
             from mlflow.tracking import MlflowClient
 
             MlflowClient(uri).get_experiment_by_name(options.experiment)  # creates an SQLite store
         except Exception:  # noqa: BLE001 - unreachable now: the runs are buffered later
             pass
+        import ioulab.platform.sweep.trainable  # noqa: F401 - paid here, used after ray.init
+        return uri
 
     with ThreadPoolExecutor(1) as pool:
         preparing = pool.submit(prepare)
@@ -436,7 +444,7 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
         finally:
             preparing.exception()  # never leave it running
     try:
-        preparing.result()
+        uri = preparing.result()
         _check_resources(plan)
         state = _state(root, plan, options)
         parent = _open_parent(plan, state, uri, options.experiment, root)

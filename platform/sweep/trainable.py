@@ -175,17 +175,27 @@ def _finished_result(ctx: dict, point: dict, trial_id: str) -> dict | None:
     return None
 
 
-def train_trial(config: dict) -> None:
-    """Tune trainable of the training stage."""
-    started = time.perf_counter()
+def _begin_trial(config: dict) -> tuple[dict, dict, str, str] | None:
+    """(sweep context, grid point, node id, trial id) of a trial to run, or None when a restored
+    trial had already finished: its final result is reported again and nothing else is touched."""
     ctx, point = config["ioulab"], point_of(config)
     node = _node_id()
     trial_id = tune.get_context().get_trial_id()
     finished = _finished_result(ctx, point, trial_id)
-    if finished is not None:  # already done: report it again, touch nothing
+    if finished is not None:
         tune.report({**finished, "node_id": node, "restored_final": 1})
-        return
+        return None
     _use_assigned_cpus()
+    return ctx, point, node, trial_id
+
+
+def train_trial(config: dict) -> None:
+    """Tune trainable of the training stage."""
+    started = time.perf_counter()
+    trial = _begin_trial(config)
+    if trial is None:
+        return
+    ctx, point, node, trial_id = trial
     cfg = C.from_dict(ctx["config"], source="sweep config")
     C.apply_overrides(cfg, dict(point["overrides"]), source="sweep grid point")
     out_dir = Path.cwd() / "run"
@@ -238,14 +248,10 @@ def fetch_checkpoint(ref: str, dest: Path, tracking_uri: str) -> Path:
 def eval_trial(config: dict) -> None:
     """Tune trainable of the evaluation stage: evaluate one checkpoint once, train nothing."""
     started = time.perf_counter()
-    ctx, point = config["ioulab"], point_of(config)
-    node = _node_id()
-    trial_id = tune.get_context().get_trial_id()
-    finished = _finished_result(ctx, point, trial_id)
-    if finished is not None:
-        tune.report({**finished, "node_id": node, "restored_final": 1})
+    trial = _begin_trial(config)
+    if trial is None:
         return
-    _use_assigned_cpus()
+    ctx, point, node, trial_id = trial
     tags = {"ioulab.node_id": node, "ioulab.checkpoint": point["checkpoint"]}
     if point.get("train_run_id"):
         tags["ioulab.train_run_id"] = point["train_run_id"]

@@ -23,6 +23,22 @@ RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # Cluster() overwrites 
 SPACES = REPO / "search_spaces"
 
 
+def wait_for_http(url: str, proc, log: Path, timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` dies or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, Path(log).read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up: {Path(log).read_text()[-3000:]}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,12 +9,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-import urllib.request
 
 import pytest
 
-from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of
+from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of, wait_for_http
 
 pytestmark = pytest.mark.cluster
 
@@ -40,16 +38,7 @@ class RayHead:
                                      start_new_session=True)
 
     def wait(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, open(self.log).read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(open(self.log).read()[-3000:])
+        wait_for_http(f"{self.address}/api/version", self.proc, self.log, timeout, "ray start --head")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

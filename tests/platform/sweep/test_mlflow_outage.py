@@ -8,7 +8,6 @@ import subprocess
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient  # imported here: two threads importing
 
 from ioulab.platform.sweep.driver import SweepOptions, run_sweep
 from ioulab.platform.sweep.space import load_space
-from tests.platform.sweep.conftest import free_port, runs_of
+from tests.platform.sweep.conftest import free_port, runs_of, wait_for_http
 
 pytestmark = pytest.mark.cluster
 
@@ -36,16 +35,7 @@ class MlflowServer:
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server did not come up: {self.log.read_text()[-2000:]}")
+        wait_for_http(f"{self.uri}/health", self.proc, self.log, timeout, "mlflow server")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
