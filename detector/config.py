@@ -22,8 +22,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from ioulab.detector.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key and its source."""
 
 

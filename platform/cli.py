@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from ioulab.detector.errors import UserError
+
 # The name -> module table of the CLI edge (the only place a string picks code).
 BENCHES = {
     "train": "ioulab.platform.bench.train",
@@ -78,33 +80,15 @@ def _chosen_parser(argv, parsers):
     return None
 
 
-# Errors that describe a user's mistake or a failed run: printed as one message, no traceback.
-USER_ERRORS = [("ioulab.detector.config", "ConfigError"),
-               ("ioulab.detector.engine.checkpoint", "CheckpointError"),
-               ("ioulab.detector.engine.train", "NonFiniteLossError"),
-               ("ioulab.detector.ops.build", "ExtensionBuildError"),
-               ("ioulab.platform.report.runs", "ReportError"),
-               ("ioulab.platform.sweep.driver", "SweepError"),
-               ("ioulab.platform.sweep.space", "SpaceError")]
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    # A class whose module was never imported cannot have raised: look only at loaded modules.
-    classes = [getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules]
-    return isinstance(exc, tuple(classes))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise
+    except UserError as exc:  # its message says what to fix: no traceback (exit 2, like argparse)
         print(f"ioulab: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _run(args) -> int:

@@ -8,7 +8,7 @@ warning is printed once, and the queue keeps growing; it is replayed when the se
 ``close()``. What still cannot be delivered at ``close()`` is written to a JSON-lines file next to
 the run's outputs, with the command that replays it (``replay_file``).
 
-Runs can be found again by tags (``find_tag`` / ``find_tags``): a retried or restored Ray trial
+Runs can be found again by tags (``find_tags``): a retried or restored Ray trial
 re-attaches to its own child run instead of creating a duplicate. Logging into a re-attached run is
 idempotent: a metric already recorded at a step is not sent again (a restored trial repeats steps),
 params are sent once, tags and artifacts are overwritten with equal content.
@@ -61,23 +61,22 @@ def _clean_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 class MlflowRun:
-    """One MLflow run (created, or found again by ``find_tag``), with buffered, replayable logging.
+    """One MLflow run (created, or found again by ``find_tags``), with buffered, replayable logging.
 
     Args:
         tracking_uri: MLflow tracking URI (absolute).
         experiment: experiment name (created if missing).
         run_name: display name for a new run.
         tags: tags set on the run.
-        find_tag: ``(key, value)``: reuse the newest run of the experiment carrying this tag.
-        find_tags: ``{key: value, ...}``: reuse the newest run carrying all these tags (combined
-            with ``find_tag``).
+        find_tags: ``{key: value, ...}``: reuse the newest run of the experiment carrying all
+            these tags (they are set on a new run too).
         spool: JSON-lines file for whatever cannot be delivered by ``close()``.
         run_id: attach to this existing run instead.
         connect: try to reach the server now (otherwise at the first logging call).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, find_tag: tuple[str, str] | None = None,
+                 tags: dict[str, str] | None = None,
                  spool: str | os.PathLike | None = None, retry_seconds: float = 15.0,
                  run_id: str | None = None, find_tags: dict[str, str] | None = None,
                  connect: bool = True):
@@ -87,10 +86,7 @@ class MlflowRun:
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.find_tags = dict(find_tags or {})
-        if find_tag:
-            self.find_tags[find_tag[0]] = find_tag[1]
         self.tags.update(self.find_tags)
-        self.find_tag = find_tag
         self.spool = Path(spool) if spool else None
         self.retry_seconds = retry_seconds
         self.run_id: str | None = run_id
@@ -181,8 +177,7 @@ class MlflowRun:
                                             order_by=["attributes.start_time DESC"], max_results=1)
             if found:
                 run = found[0]
-                self._logged_steps = {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)}
-                                      for key in run.data.metrics}
+                self._logged_steps = self._steps_in(run)
                 self.run_id = run.info.run_id
                 self.reattached = True
                 if run.info.status != "RUNNING":
@@ -191,6 +186,11 @@ class MlflowRun:
         run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self._logged_steps = {}
+
+    def _steps_in(self, run) -> dict[str, set[int]]:
+        """metric key -> the steps the run already holds."""
+        return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)}
+                for key in run.data.metrics}
 
     def _send(self, kind: str, payload: Any) -> None:
         c, run_id = self.client, self.run_id
@@ -204,8 +204,7 @@ class MlflowRun:
         elif kind == "metrics":
             step = payload["step"]
             if self._logged_steps is None:  # attached by run_id: learn what the run holds
-                self._logged_steps = {k: {m.step for m in c.get_metric_history(run_id, k)}
-                                      for k in c.get_run(run_id).data.metrics}
+                self._logged_steps = self._steps_in(c.get_run(run_id))
             ms = [Metric(k, v, payload["timestamp"], step) for k, v in payload["values"].items()
                   if step not in self._logged_steps.get(k, ())]
             for i in range(0, len(ms), 500):
@@ -252,8 +251,6 @@ class MlflowRun:
 def replay_file(path: str | os.PathLike) -> int:
     """Deliver the records of a spool file written by :meth:`MlflowRun.close`."""
     lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    remaining = 0
-    run: MlflowRun | None = None
     runs: list[MlflowRun] = []
     for line in lines:
         if "header" in line:

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from ioulab.detector import config as C
+from ioulab.detector.errors import UserError
 
 FORMAT = "ioulab-checkpoint-1"
 _NAME = re.compile(r"^model_(\d{7})\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -66,6 +67,12 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
     return ckpt_dir / f"model_{iteration:07d}.pth"
+
+
+def checkpoint_iteration(path: Path) -> int | None:
+    """The iteration in a checkpoint's file name (``model_0001500.pth`` -> 1500), else None."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

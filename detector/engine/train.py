@@ -26,13 +26,14 @@ from ioulab.detector.engine.datasets import build_datasets
 from ioulab.detector.engine.evaluate import evaluate_model
 from ioulab.detector.engine.events import NullLogger, RunLogger
 from ioulab.detector.data.loader import InfiniteLoader
+from ioulab.detector.errors import UserError
 from ioulab.detector.model import build_model
 
 # on_checkpoint(iteration, checkpoint path, validation metrics or None)
 CheckpointHook = Callable[[int, Path, "dict[str, float] | None"], None]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     pass
 
 

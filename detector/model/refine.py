@@ -74,8 +74,7 @@ def refine_boxes(boxes: Tensor, f: IoUFunction, image_wh: Tensor, lam: float,
         boxes[index[ok]] = proposal[ok]
         iou[index[ok]] = new_iou[ok]
         go = ~stop
-        if not bool(go.any()):
+        if new_grad is None or not bool(go.any()):  # the last step, or every box stopped
             break
-        index, iou_a = index[go], new_iou[go]
-        grad_a = new_grad[go] if new_grad is not None else None
+        index, iou_a, grad_a = index[go], new_iou[go], new_grad[go]
     return boxes, iou

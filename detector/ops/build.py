@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ioulab.detector.errors import UserError
+
 _SOURCE_DIR_NAME = "prroi_pool"
 _CPU_SOURCES = ("prroi_pool.cpp", "prroi_pool_cpu.cpp")
 _CUDA_SOURCES = ("prroi_pool_cuda.cu",)
@@ -42,7 +44,7 @@ _lock = threading.Lock()
 _loaded: dict[bool, Path] = {}
 
 
-class ExtensionBuildError(RuntimeError):
+class ExtensionBuildError(UserError, RuntimeError):
     """The extension failed to compile or load; the message names the build log."""
 
 

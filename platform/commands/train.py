@@ -35,7 +35,7 @@ def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
 
     uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     return MlflowRun(uri, args.experiment, run_name=run_name, tags=tags,
-                     find_tag=("ioulab.run_dir", str(out)) if getattr(args, "resume", False) else None,
+                     find_tags={"ioulab.run_dir": str(out)} if getattr(args, "resume", False) else None,
                      spool=out / "mlflow_pending.jsonl")
 
 

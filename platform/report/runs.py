@@ -21,13 +21,15 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ioulab.detector.errors import UserError
+
 PARENT_TAG = "mlflow.parentRunId"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # MLflow run status -> trial status, for runs that lack the ``ioulab.trial_status`` tag.
 _STATUS_FROM_RUN = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "STOPPED"}
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A user-facing error (unknown sweep or run, bad --baseline): printed, exit code 2."""
 
 

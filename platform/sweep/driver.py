@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ioulab.detector import config as C
-from ioulab.platform.sweep.space import Plan
+from ioulab.detector.errors import UserError
+from ioulab.platform.sweep.space import METRICS, Plan
 
-SUMMARY_METRICS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
+SUMMARY_METRICS = METRICS[:7]  # AP … AP90: the summary table's columns
 STATUS_TO_MLFLOW = {"FINISHED": "FINISHED", "FAILED": "FAILED", "STOPPED": "KILLED"}
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """The sweep cannot start (storage, cluster, resume state); the message says what to do."""
 
 
@@ -390,7 +391,7 @@ def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRe
         status = "FAILED" if result.error is not None else ("FINISHED" if m.get("final") else "STOPPED")
         trial_id = m.get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
         metrics = {k: float(v) for k, v in m.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in SUMMARY_METRICS or k in ("APs", "APm", "APl") or k.startswith("loss/"))}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in METRICS or k.startswith("loss/"))}
         out.append(TrialRecord(stage=stage, index=point["index"], label=point["label"], trial_id=trial_id,
                                status=status, values=values_of(stage, point), metrics=metrics, node_ids=nodes,
                                seconds=float(m.get("trial_seconds", m.get("time_total_s", 0.0)) or 0.0),

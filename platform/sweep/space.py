@@ -51,6 +51,7 @@ from typing import Any, Mapping
 import yaml
 
 from ioulab.detector import config as C
+from ioulab.detector.errors import UserError
 
 # The keys of detector.engine.evaluate.METRIC_KEYS (not imported: that module imports torch and
 # validation must stay fast; a test checks that both lists agree).
@@ -68,7 +69,7 @@ RESOURCE_KEYS = ("cpu", "gpu")
 EARLY_STOPPING_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """The space file is invalid; the message names the file and the key."""
 
 

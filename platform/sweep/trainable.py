@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -35,13 +34,13 @@ import torch
 from ray import tune
 
 from ioulab.detector import config as C
+from ioulab.detector.engine import checkpoint as ckpt_io
 from ioulab.detector.engine.evaluate import evaluate_checkpoint
 from ioulab.detector.engine.train import train
 from ioulab.platform.tracking import PARENT_TAG, MlflowRun
 
 PENDING_FILE = "mlflow_pending.json"
 FINAL_FILE = "final.json"
-_CKPT_NAME = re.compile(r"^model_(\d{7})\.pth$")
 
 
 class _TeeLogger:
@@ -112,13 +111,13 @@ def _restore_checkpoint(out_dir: Path, tracker: MlflowRun) -> int:
     try:
         with checkpoint.as_directory() as d:
             d = Path(d)
-            files = sorted(p for p in d.iterdir() if _CKPT_NAME.match(p.name))
-            if files:
+            latest = ckpt_io.latest_checkpoint(d)
+            if latest is not None:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(files[-1], ckpt_dir / files[-1].name)
+                shutil.copy2(latest, ckpt_dir / latest.name)
             if (d / PENDING_FILE).exists():
                 tracker.requeue(json.loads((d / PENDING_FILE).read_text()))
-            return int(_CKPT_NAME.match(files[-1].name).group(1)) if files else 0
+            return ckpt_io.checkpoint_iteration(latest) if latest is not None else 0
     except (OSError, ValueError) as exc:  # a checkpoint that vanished: start over, do not fail
         print(f"[ioulab] cannot restore the trial checkpoint ({exc}); training from the start")
         if ckpt_dir.exists():
@@ -263,8 +262,7 @@ def eval_trial(config: dict) -> None:
         local = fetch_checkpoint(point["checkpoint"], out_dir / "input", ctx["tracking_uri"])
         overrides = {**ctx["eval_overrides"], **point["overrides"]}
         metrics, cfg = evaluate_checkpoint(local, overrides, out_dir=out_dir, progress=False)
-        match = _CKPT_NAME.match(local.name)
-        step = int(match.group(1)) if match else 0
+        step = ckpt_io.checkpoint_iteration(local) or 0
         (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
         tracker.log_params(C.flatten(cfg))
         tracker.log_metrics(metrics, step)

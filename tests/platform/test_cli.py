@@ -1,4 +1,4 @@
-"""The CLI turns a user's mistake into one line on stderr and exit code 1, never a traceback;
+"""The CLI turns a user's mistake into one line on stderr and exit code 2 (like argparse), never a traceback;
 a programming error still raises."""
 import pytest
 
@@ -8,13 +8,13 @@ from ioulab.platform.cli import main
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     missing = tmp_path / "nope.pth"
-    assert main(["eval", "--checkpoint", str(missing), "--no-mlflow"]) == 1
+    assert main(["eval", "--checkpoint", str(missing), "--no-mlflow"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"ioulab: error: checkpoint {missing} does not exist"
 
 
 def test_unknown_config_key_is_one_line(capsys):
-    assert main(["train", "--set", "model.roi_pol=prroi_pool", "--no-mlflow"]) == 1
+    assert main(["train", "--set", "model.roi_pol=prroi_pool", "--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ioulab: error: --set: unknown config key 'model.roi_pol'")
     assert "model.roi_pool" in err and "Traceback" not in err

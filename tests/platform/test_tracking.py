@@ -40,11 +40,11 @@ def test_unreachable_server_spools_and_replays(tmp_path):
 
 def test_find_tag_reattaches_instead_of_duplicating(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    first = MlflowRun(uri, "exp", run_name="trial", find_tag=("ray.trial_id", "t1"))
+    first = MlflowRun(uri, "exp", run_name="trial", find_tags={"ray.trial_id": "t1"})
     first.log_params({"x": 1})
     first.log_metrics({"AP": 1.0}, 0)
     first.close("FAILED")
-    again = MlflowRun(uri, "exp", run_name="trial", find_tag=("ray.trial_id", "t1"))
+    again = MlflowRun(uri, "exp", run_name="trial", find_tags={"ray.trial_id": "t1"})
     again.log_params({"x": 1, "y": 2})  # re-logging an equal param is fine
     again.log_metrics({"AP": 2.0}, 1)
     again.close()
