@@ -5,6 +5,7 @@
     ioulab eval --checkpoint PATH           evaluate a saved checkpoint
     ioulab sweep SPACE.yaml                 a Ray Tune sweep (search_spaces/)
     ioulab report SWEEP / ioulab compare RUN...   ablation tables from MLflow
+    ioulab selftest [--device cpu|cuda]     check a node: op, AMP training, inference modes, timers
     ioulab bench {train,prroi,nms,latency,sweep}   benchmarks: a table, and JSON with --json
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ COMMANDS = {
     "sweep": "ioulab.platform.sweep.command",
     "report": "ioulab.platform.report.command",
     "compare": "ioulab.platform.report.compare",
+    "selftest": "ioulab.platform.commands.selftest",
 }
 
 
@@ -51,7 +53,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     helps = {"train": "train one model and evaluate it", "eval": "evaluate a checkpoint",
              "sweep": "run a Ray Tune sweep from a search space file",
              "report": "ablation report of a sweep from MLflow",
-             "compare": "the ablation table for any MLflow runs"}
+             "compare": "the ablation table for any MLflow runs",
+             "selftest": "check the op, mixed-precision training, inference modes and timers on a device"}
     parsers = {name: _add_lazy(sub, name, mod, helps[name]) for name, mod in COMMANDS.items()}
     parsers["data synth"] = synth
 

@@ -1,0 +1,60 @@
+"""`ioulab selftest`: passes on this CPU, and its checks fail when what they check is broken."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ioulab.platform.cli import main
+from ioulab.platform.commands import selftest
+
+
+@pytest.mark.slow
+def test_selftest_cpu_passes(capsys):
+    assert main(["selftest", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[1] for line in out.splitlines() if line.strip().startswith(("PASS", "FAIL"))]
+    assert all(line.strip().startswith("PASS") for line in out.splitlines() if line.strip()[:4] in ("PASS", "FAIL"))
+    assert {"prroi/float32", "prroi/float16", "prroi/bfloat16", "train/amp-bfloat16/smooth_l1",
+            "train/amp-bfloat16/bce", "eval/baseline", "eval/iou_nms", "eval/iou_regular_nms",
+            "eval/refine", "timer/sync"} <= set(names)
+    assert out.strip().splitlines()[-1].startswith(f"{len(names)} passed, 0 failed")
+
+
+def test_prroi_check_catches_a_wrong_kernel(monkeypatch):
+    """A kernel that is off by 1% of the output scale fails the float32 comparison."""
+    from ioulab.detector import ops
+
+    real = ops.prroi_pool
+
+    def skewed(input, rois, output_size, spatial_scale=1.0, backend=None):
+        out = real(input, rois, output_size, spatial_scale, backend=backend)
+        return out * 1.01 if backend == "extension" else out
+
+    monkeypatch.setattr(ops, "prroi_pool", skewed)
+    passed, detail = selftest.check_prroi(torch.device("cpu"), torch.float32)
+    assert not passed and "out" in detail
+    monkeypatch.setattr(ops, "prroi_pool", real)
+    passed, detail = selftest.check_prroi(torch.device("cpu"), torch.float32)
+    assert passed, detail
+
+
+def test_timer_check_fails_without_synchronisation(monkeypatch):
+    """Told the device is CUDA, a timer that never synchronises fails the check (no GPU needed:
+    the check records the calls before it touches the device)."""
+    from ioulab.platform.bench import common
+
+    def unsynced(fn, repeats, warmup=1, device=None):
+        fn()
+        return 0.0
+
+    monkeypatch.setattr(common, "time_call", unsynced)
+    passed, detail = selftest.check_timer_sync(torch.device("cuda"))
+    assert not passed and "expected ['sync', 'work', 'sync']" in detail
+
+
+def test_cuda_without_gpu_is_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["selftest", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ioulab: error: --device cuda: torch") and "\n" not in err
