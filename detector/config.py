@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -164,7 +165,10 @@ class TrainConfig:
     eval_period: int = 0  # iterations between validation runs; 0: only at the end
     keep_checkpoints: int = 2
     log_period: int = 20
-    amp: bool = True  # used on CUDA only
+    # Mixed precision (torch.autocast). None (default): on for CUDA, off on CPU; true: on for any
+    # device (bfloat16 on CPU runs the code path a GPU runs); false: off.
+    amp: bool | None = None
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 also scales the loss: GradScaler)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -232,6 +236,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.iou_head.roi_generator.strategy": ("per_iou", "per_img"),
     "inference.mode": ("baseline", "iou_nms", "iou_regular_nms", "refine"),
     "inference.iou_nms.rank": ("iou", "iou_x_score"),
+    "train.amp_dtype": ("bfloat16", "float16"),
 }
 
 DEFAULT_PRESET = "cpu_tiny"
@@ -268,6 +273,9 @@ def valid_keys() -> list[str]:
 def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return ``value`` converted to ``tp`` (int→float, tuple→list) or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is types.UnionType:  # ``X | None``: null (``--set key=null`` gives "") or an X
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None or value == "" else _check_type(value, inner, key, source)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -40,7 +40,8 @@ _SWEEP_SLACK = 0.99
 
 
 def _upcast(boxes: Tensor) -> Tensor:
-    # Half-precision boxes: areas and ratios in float32, like the losses.
+    # Half-precision inputs (e.g. autocast outputs): areas, ratios and IoU x score in float32,
+    # like the losses. Rounded values convert exactly, so the result is the float32 one on them.
     return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
 
 
@@ -228,6 +229,8 @@ def batched_diou_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
 
 def _iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, labels: Tensor | None,
                     iou_threshold: float, rank: str) -> tuple[Tensor, Tensor]:
+    # IoU x score of half-type inputs in float32: a bfloat16 product would create rank ties.
+    scores, ious = _upcast(scores), _upcast(ious)
     if rank == "iou":
         key = ious
     elif rank == "iou_x_score":

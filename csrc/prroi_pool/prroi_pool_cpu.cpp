@@ -1,5 +1,10 @@
-// CPU implementation of PrRoIPool (float32 / float64), built on the per-bin math of
-// prroi_pool_math.h.
+// CPU implementation of PrRoIPool (float32 / float64 / float16 / bfloat16), built on the per-bin
+// math of prroi_pool_math.h.
+//
+// Types: S (scalar_t) is the storage type of the feature map, grad_output and output; T =
+// at::opmath_type<S> (float for the half types) is what every weight, sum and buffer uses. rois
+// are converted to T up front; output, grad_input and the RoI partials are T tensors cast to
+// the caller's dtype at the end, so nothing is accumulated in a half type.
 //
 // Shapes: input [N, C, H, W], rois [K, 5], output [K, C, PH, PW].
 //
@@ -17,9 +22,11 @@
 #include "prroi_pool.h"
 #include "prroi_pool_math.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace ioulab {
@@ -159,24 +166,24 @@ int64_t plane_grain(int64_t num_rois, int64_t num_images, int64_t pooled_height,
 }
 
 // R[r, pw] = sum_w wx[pw](w) * rows[r, w] for n_rows rows: the x half of the separable integral.
-template <typename T>
-void row_pass(const AxisWeights<T>& x, const T* rows, int64_t width, int64_t n_rows, T* R) {
+template <typename T, typename S>
+void row_pass(const AxisWeights<T>& x, const S* rows, int64_t width, int64_t n_rows, T* R) {
   const int64_t pooled_width = static_cast<int64_t>(x.first.size());
   for (int64_t r = 0; r < n_rows; ++r) {
-    const T* row = rows + r * width;
+    const S* row = rows + r * width;
     for (int64_t pw = 0; pw < pooled_width; ++pw) {
       const T* wx = x.weight.data() + x.offset[pw];
-      const T* px = row + x.first[pw];
+      const S* px = row + x.first[pw];
       T s = T(0);
-      for (int64_t j = 0; j < x.count[pw]; ++j) s += wx[j] * px[j];
+      for (int64_t j = 0; j < x.count[pw]; ++j) s += wx[j] * static_cast<T>(px[j]);
       R[r * pooled_width + pw] = s;
     }
   }
 }
 
 // out[PH, PW] of one (RoI, channel); row_buf is scratch.
-template <typename T>
-void forward_one(const RoiWeights<T>& rw, const T* plane, int64_t width, int64_t pooled_height,
+template <typename T, typename S>
+void forward_one(const RoiWeights<T>& rw, const S* plane, int64_t width, int64_t pooled_height,
                  int64_t pooled_width, std::vector<T>& row_buf, T* out) {
   const int64_t n_out = pooled_height * pooled_width;
   if (rw.empty) {
@@ -224,12 +231,13 @@ std::vector<std::vector<int64_t>> group_by_image(const std::vector<RoiWeights<T>
   return groups;
 }
 
-template <typename T>
+// rois and output are T tensors.
+template <typename S, typename T>
 void forward_impl(const at::Tensor& input, const at::Tensor& rois, at::Tensor& output,
                   T spatial_scale, int64_t pooled_height, int64_t pooled_width) {
   const int64_t num_images = input.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
-  const T* in = input.data_ptr<T>();
+  const S* in = input.data_ptr<S>();
   T* out = output.data_ptr<T>();
   const int64_t n_out = pooled_height * pooled_width;
   check_batch_indices(rois.data_ptr<T>(), rois.size(0), num_images);
@@ -243,7 +251,7 @@ void forward_impl(const at::Tensor& input, const at::Tensor& rois, at::Tensor& o
     std::vector<T> row_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channels, c = task % channels;
-      const T* plane = in + task * height * width;
+      const S* plane = in + task * height * width;
       for (int64_t k : rois_of_image[b])
         forward_one(weights[k], plane, width, pooled_height, pooled_width, row_buf,
                     out + (k * channels + c) * n_out);
@@ -252,8 +260,8 @@ void forward_impl(const at::Tensor& input, const at::Tensor& rois, at::Tensor& o
 }
 
 // Adds d(sum gout * out)/d plane for one (RoI, channel); col_buf is scratch.
-template <typename T>
-void backward_input_one(const RoiWeights<T>& rw, const T* gout, int64_t width,
+template <typename T, typename S>
+void backward_input_one(const RoiWeights<T>& rw, const S* gout, int64_t width,
                         int64_t pooled_height, int64_t pooled_width, std::vector<T>& col_buf,
                         T* grad_plane) {
   const AxisWeights<T>& x = rw.x;
@@ -265,7 +273,7 @@ void backward_input_one(const RoiWeights<T>& rw, const T* gout, int64_t width,
   T* g = col_buf.data() + n_rows * pooled_width;
   for (int64_t ph = 0; ph < pooled_height; ++ph) {
     for (int64_t pw = 0; pw < pooled_width; ++pw)
-      g[pw] = gout[ph * pooled_width + pw] * rw.inv_area(ph, pw);
+      g[pw] = static_cast<T>(gout[ph * pooled_width + pw]) * rw.inv_area(ph, pw);
     const T* wy = y.weight.data() + y.offset[ph];
     for (int64_t i = 0; i < y.count[ph]; ++i) {
       T* G = col_buf.data() + (y.first[ph] + i - r0) * pooled_width;
@@ -289,8 +297,10 @@ void backward_input_one(const RoiWeights<T>& rw, const T* gout, int64_t width,
 // Needs the line integrals of f along the four edges of every bin:
 //   vertical edge at x:   sum_r wy(r) * f(x, r), with f(x, r) from the two pixels around x;
 //   horizontal edge at y: sum_{2 rows r around y} hat(y - r) * R[r, pw], R the forward's row pass.
-template <typename T>
-void backward_rois_one(const RoiWeights<T>& rw, const T* plane, const T* gout, const T* out,
+// With S != T the bin outputs are recomputed from R in T instead of read from the S-rounded
+// `out` (the Leibniz rule's height * out - edge integral would amplify that rounding).
+template <typename T, typename S>
+void backward_rois_one(const RoiWeights<T>& rw, const S* plane, const S* gout, const S* out,
                        int64_t width, int64_t pooled_height, int64_t pooled_width,
                        T spatial_scale, std::vector<T>& buf, T* roi_grad) {
   // An empty RoI has zero area or lies in the zero region, where every edge integral and
@@ -306,12 +316,14 @@ void backward_rois_one(const RoiWeights<T>& rw, const T* plane, const T* gout, c
   T* P_hi = P_lo + n_rows * pooled_width;
   row_pass(x, plane + r0 * width, width, n_rows, R);
   for (int64_t r = 0; r < n_rows; ++r) {
-    const T* row = plane + (r0 + r) * width;
+    const S* row = plane + (r0 + r) * width;
     for (int64_t pw = 0; pw < pooled_width; ++pw) {
-      P_lo[r * pooled_width + pw] = x.lo_weight[2 * pw] * row[x.lo_index[2 * pw]] +
-                                    x.lo_weight[2 * pw + 1] * row[x.lo_index[2 * pw + 1]];
-      P_hi[r * pooled_width + pw] = x.hi_weight[2 * pw] * row[x.hi_index[2 * pw]] +
-                                    x.hi_weight[2 * pw + 1] * row[x.hi_index[2 * pw + 1]];
+      P_lo[r * pooled_width + pw] =
+          x.lo_weight[2 * pw] * static_cast<T>(row[x.lo_index[2 * pw]]) +
+          x.lo_weight[2 * pw + 1] * static_cast<T>(row[x.lo_index[2 * pw + 1]]);
+      P_hi[r * pooled_width + pw] =
+          x.hi_weight[2 * pw] * static_cast<T>(row[x.hi_index[2 * pw]]) +
+          x.hi_weight[2 * pw + 1] * static_cast<T>(row[x.hi_index[2 * pw + 1]]);
     }
   }
   for (int64_t ph = 0; ph < pooled_height; ++ph) {
@@ -322,21 +334,29 @@ void backward_rois_one(const RoiWeights<T>& rw, const T* plane, const T* gout, c
     const T* hi0 = R + (y.hi_index[2 * ph] - r0) * pooled_width;
     const T* hi1 = R + (y.hi_index[2 * ph + 1] - r0) * pooled_width;
     for (int64_t pw = 0; pw < pooled_width; ++pw) {
-      T e_x_lo = T(0), e_x_hi = T(0);
+      T e_x_lo = T(0), e_x_hi = T(0), integral = T(0);
       for (int64_t i = 0; i < y.count[ph]; ++i) {
         e_x_lo += wy[i] * P_lo[(first + i) * pooled_width + pw];
         e_x_hi += wy[i] * P_hi[(first + i) * pooled_width + pw];
+        if constexpr (!std::is_same<S, T>::value) integral += wy[i] * R[(first + i) * pooled_width + pw];
       }
       const T e_y_lo = y.lo_weight[2 * ph] * lo0[pw] + y.lo_weight[2 * ph + 1] * lo1[pw];
       const T e_y_hi = y.hi_weight[2 * ph] * hi0[pw] + y.hi_weight[2 * ph + 1] * hi1[pw];
       const int64_t o = ph * pooled_width + pw;
-      accumulate_roi_grad(gout[o], out[o], rw.bin(ph, pw), e_x_lo, e_x_hi, e_y_lo, e_y_hi, ph, pw,
+      T out_o;
+      if constexpr (std::is_same<S, T>::value) {
+        out_o = out[o];
+      } else {
+        out_o = integral * rw.inv_area(ph, pw);
+      }
+      accumulate_roi_grad(static_cast<T>(gout[o]), out_o, rw.bin(ph, pw), e_x_lo, e_x_hi, e_y_lo, e_y_hi, ph, pw,
                           pooled_height, pooled_width, spatial_scale, roi_grad);
     }
   }
 }
 
-template <typename T>
+// rois, grad_input and roi_partials are T tensors; grad_output, input and output S tensors.
+template <typename S, typename T>
 void backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
                    const at::Tensor& output, T spatial_scale, int64_t pooled_height,
                    int64_t pooled_width, at::Tensor* grad_input, at::Tensor* roi_partials) {
@@ -349,9 +369,9 @@ void backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const
       rois, spatial_scale, pooled_height, pooled_width, height, width, rois_grad);
   const std::vector<std::vector<int64_t>> rois_of_image = group_by_image(weights, num_images);
 
-  const T* in = input.data_ptr<T>();
-  const T* gout = grad_output.data_ptr<T>();
-  const T* out = output.data_ptr<T>();
+  const S* in = input.data_ptr<S>();
+  const S* gout = grad_output.data_ptr<S>();
+  const S* out = output.data_ptr<S>();
   T* gin = grad_input ? grad_input->data_ptr<T>() : nullptr;
   T* partial = rois_grad ? roi_partials->data_ptr<T>() : nullptr;
 
@@ -360,7 +380,7 @@ void backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const
     std::vector<T> buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / channels, c = task % channels;
-      const T* plane = in + task * height * width;
+      const S* plane = in + task * height * width;
       // grad_input comes uninitialised: zeroing the plane here keeps it in cache for the adds.
       if (gin != nullptr) std::fill(gin + task * height * width, gin + (task + 1) * height * width, T(0));
       for (int64_t k : rois_of_image[b]) {
@@ -384,15 +404,19 @@ at::Tensor prroi_pool_forward_cpu(const at::Tensor& input_, const at::Tensor& ro
   TORCH_CHECK(input_.device().is_cpu() && rois_.device().is_cpu(),
               "prroi_pool (CPU): input and rois must be CPU tensors");
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  const at::ScalarType compute = compute_dtype(input);
+  const at::Tensor rois = rois_.to(compute).contiguous();
   at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_height, pooled_width},
-                                input.options());
-  if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_forward_cpu", [&] {
-    forward_impl<scalar_t>(input, rois, output, static_cast<scalar_t>(spatial_scale),
-                           pooled_height, pooled_width);
-  });
-  return output;
+                                input.options().dtype(compute));
+  if (output.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "prroi_pool_forward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      forward_impl<scalar_t, T>(input, rois, output, static_cast<T>(spatial_scale), pooled_height,
+                                pooled_width);
+    });
+  }
+  return output.to(input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(
@@ -405,28 +429,32 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(
               "prroi_pool_backward (CPU): all tensors must be CPU tensors");
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  const at::ScalarType compute = compute_dtype(input);
+  const at::Tensor rois = rois_.to(compute).contiguous();
   const at::Tensor output = output_.contiguous();
   const int64_t num_rois = rois.size(0), channels = input.size(1);
 
-  at::Tensor grad_rois = rois_grad ? at::zeros_like(rois) : at::empty({0}, rois.options());
+  at::Tensor grad_rois = rois_grad ? at::zeros_like(rois_) : at::empty({0}, rois_.options());
   if ((!input_grad && !rois_grad) || grad_output.numel() == 0) {
     return {input_grad ? at::zeros_like(input) : at::empty({0}, input.options()), grad_rois};
   }
-  // Filled plane by plane in backward_impl (every plane is visited).
-  at::Tensor grad_input = input_grad ? at::empty_like(input, at::MemoryFormat::Contiguous)
-                                     : at::empty({0}, input.options());
+  // Filled plane by plane in backward_impl (every plane is visited), in the compute dtype.
+  at::Tensor grad_input = input_grad
+      ? at::empty(input.sizes(), input.options().dtype(compute))
+      : at::empty({0}, input.options());
   at::Tensor partials;
   if (rois_grad) partials = at::zeros({num_rois, channels, 4}, rois.options());
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_output, input, rois, output, static_cast<scalar_t>(spatial_scale),
-                            pooled_height, pooled_width, input_grad ? &grad_input : nullptr,
-                            rois_grad ? &partials : nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "prroi_pool_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    backward_impl<scalar_t, T>(grad_output, input, rois, output, static_cast<T>(spatial_scale),
+                               pooled_height, pooled_width, input_grad ? &grad_input : nullptr,
+                               rois_grad ? &partials : nullptr);
   });
   // Sum over channels outside the parallel region; column 0 (batch index) stays 0.
   if (rois_grad) grad_rois.narrow(1, 1, 4).copy_(partials.sum(1));
-  return {grad_input, grad_rois};
+  return {grad_input.to(input.scalar_type()), grad_rois};
 }
 
 }  // namespace

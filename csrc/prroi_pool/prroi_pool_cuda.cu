@@ -1,6 +1,11 @@
-// CUDA implementation of PrRoIPool (float32 / float64): grid-stride wrappers around the
+// CUDA implementation of PrRoIPool (float32 / float64 / float16 / bfloat16): grid-stride wrappers
+// around the
 // per-element bodies of prroi_pool_elements.h (built on the per-bin math of prroi_pool_math.h,
 // which the CPU kernel uses too; a CPU test runs the element bodies serially).
+//
+// Types: S (scalar_t) stores input / grad_output / output; T = at::opmath_type<S> computes. rois
+// are converted to T before the launch; grad_input is accumulated (atomics) and the RoI partials
+// summed in T, then cast to the caller's dtypes: no half-type atomics.
 //
 // Shapes: input [N, C, H, W], rois [K, 5], output [K, C, PH, PW].
 //
@@ -11,6 +16,7 @@
 #include "prroi_pool.h"
 #include "prroi_pool_elements.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -38,14 +44,14 @@ __device__ __forceinline__ int64_t grid_stride() {
   return static_cast<int64_t>(blockDim.x) * gridDim.x;
 }
 
-template <typename T>
-__global__ void forward_kernel(int64_t total, const T* __restrict__ input,
-                               const T* __restrict__ rois, T* __restrict__ output, T spatial_scale,
+template <typename S, typename T>
+__global__ void forward_kernel(int64_t total, const S* __restrict__ input,
+                               const T* __restrict__ rois, S* __restrict__ output, T spatial_scale,
                                int64_t num_images, int64_t channels, int64_t height, int64_t width,
                                int64_t pooled_height, int64_t pooled_width) {
   for (int64_t i = grid_start(); i < total; i += grid_stride())
-    output[i] = forward_element(i, input, rois, spatial_scale, num_images, channels, height, width,
-                                pooled_height, pooled_width);
+    output[i] = static_cast<S>(forward_element(i, input, rois, spatial_scale, num_images, channels,
+                                               height, width, pooled_height, pooled_width));
 }
 
 struct AtomicAdd {
@@ -56,8 +62,8 @@ struct AtomicAdd {
 };
 
 // Bins of different RoIs overlap, hence atomics on grad_input.
-template <typename T>
-__global__ void backward_input_kernel(int64_t total, const T* __restrict__ grad_output,
+template <typename S, typename T>
+__global__ void backward_input_kernel(int64_t total, const S* __restrict__ grad_output,
                                       const T* __restrict__ rois, T* __restrict__ grad_input,
                                       T spatial_scale, int64_t num_images, int64_t channels,
                                       int64_t height, int64_t width, int64_t pooled_height,
@@ -68,10 +74,10 @@ __global__ void backward_input_kernel(int64_t total, const T* __restrict__ grad_
 }
 
 // One thread per (k, ph, pw), looping over channels (deterministic, no atomics).
-template <typename T>
-__global__ void backward_rois_kernel(int64_t total, const T* __restrict__ grad_output,
-                                     const T* __restrict__ input, const T* __restrict__ rois,
-                                     const T* __restrict__ output, T* __restrict__ partials,
+template <typename S, typename T>
+__global__ void backward_rois_kernel(int64_t total, const S* __restrict__ grad_output,
+                                     const S* __restrict__ input, const T* __restrict__ rois,
+                                     const S* __restrict__ output, T* __restrict__ partials,
                                      T spatial_scale, int64_t num_images, int64_t channels,
                                      int64_t height, int64_t width, int64_t pooled_height,
                                      int64_t pooled_width) {
@@ -88,16 +94,18 @@ at::Tensor prroi_pool_forward_cuda(const at::Tensor& input_, const at::Tensor& r
               "prroi_pool (CUDA): input and rois must be on the same CUDA device");
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  const at::Tensor rois = rois_.to(compute_dtype(input)).contiguous();
   at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_height, pooled_width},
                                 input.options());
   const int64_t total = output.numel();
   if (total == 0) return output;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_forward_cuda", [&] {
-    forward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        total, input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
-        static_cast<scalar_t>(spatial_scale), input.size(0), input.size(1), input.size(2),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "prroi_pool_forward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, T><<<num_blocks(total), kThreads, 0, stream>>>(
+        total, input.data_ptr<scalar_t>(), rois.data_ptr<T>(), output.data_ptr<scalar_t>(),
+        static_cast<T>(spatial_scale), input.size(0), input.size(1), input.size(2),
         input.size(3), pooled_height, pooled_width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -114,38 +122,42 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  const at::ScalarType compute = compute_dtype(input);
+  const at::Tensor rois = rois_.to(compute).contiguous();
   const at::Tensor output = output_.contiguous();
   const int64_t num_rois = rois.size(0);
 
-  at::Tensor grad_input = input_grad ? at::zeros_like(input) : at::empty({0}, input.options());
-  at::Tensor grad_rois = rois_grad ? at::zeros_like(rois) : at::empty({0}, rois.options());
-  if (grad_output.numel() == 0) return {grad_input, grad_rois};
+  // Accumulated in the compute dtype (atomics), cast to input's dtype at the end.
+  at::Tensor grad_input = input_grad ? at::zeros(input.sizes(), input.options().dtype(compute))
+                                     : at::empty({0}, input.options());
+  at::Tensor grad_rois = rois_grad ? at::zeros_like(rois_) : at::empty({0}, rois_.options());
+  if (grad_output.numel() == 0) return {grad_input.to(input.scalar_type()), grad_rois};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_backward_cuda", [&] {
-    const scalar_t scale = static_cast<scalar_t>(spatial_scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "prroi_pool_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T scale = static_cast<T>(spatial_scale);
     if (input_grad) {
       const int64_t total = grad_output.numel();
-      backward_input_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, grad_output.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(),
-          grad_input.data_ptr<scalar_t>(), scale, input.size(0), input.size(1), input.size(2),
-          input.size(3), pooled_height, pooled_width);
+      backward_input_kernel<scalar_t, T><<<num_blocks(total), kThreads, 0, stream>>>(
+          total, grad_output.data_ptr<scalar_t>(), rois.data_ptr<T>(), grad_input.data_ptr<T>(),
+          scale, input.size(0), input.size(1), input.size(2), input.size(3), pooled_height,
+          pooled_width);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rois_grad) {
       const int64_t total = num_rois * pooled_height * pooled_width;
       at::Tensor partials = at::empty({num_rois, pooled_height * pooled_width, 4}, rois.options());
-      backward_rois_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
-          total, grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
-          rois.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>(),
-          scale, input.size(0), input.size(1), input.size(2), input.size(3), pooled_height,
-          pooled_width);
+      backward_rois_kernel<scalar_t, T><<<num_blocks(total), kThreads, 0, stream>>>(
+          total, grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), rois.data_ptr<T>(),
+          output.data_ptr<scalar_t>(), partials.data_ptr<T>(), scale, input.size(0),
+          input.size(1), input.size(2), input.size(3), pooled_height, pooled_width);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       grad_rois.narrow(1, 1, 4).copy_(partials.sum(1));
     }
   });
-  return {grad_input, grad_rois};
+  return {grad_input.to(input.scalar_type()), grad_rois};
 }
 
 }  // namespace

@@ -118,15 +118,15 @@ PRROI_HOST_DEVICE Bin<T> roi_bin(const T* roi, T spatial_scale, int64_t pooled_h
 }
 
 // integral of f over the bin (not divided by the area); plane is one channel, [H, W] contiguous.
-template <typename T>
-PRROI_HOST_DEVICE T bin_integral(const T* plane, int64_t height, int64_t width, const Bin<T>& bin) {
+template <typename T, typename S>
+PRROI_HOST_DEVICE T bin_integral(const S* plane, int64_t height, int64_t width, const Bin<T>& bin) {
   int64_t h0, h1, w0, w1;
   interval_pixels(bin.y_lo, bin.y_hi, height, &h0, &h1);
   interval_pixels(bin.x_lo, bin.x_hi, width, &w0, &w1);
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T row = T(0);
-    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(bin.x_lo, bin.x_hi, w) * plane[h * width + w];
+    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(bin.x_lo, bin.x_hi, w) * static_cast<T>(plane[h * width + w]);
     sum += interval_weight(bin.y_lo, bin.y_hi, h) * row;
   }
   return sum;
@@ -134,8 +134,8 @@ PRROI_HOST_DEVICE T bin_integral(const T* plane, int64_t height, int64_t width, 
 
 // integral_{y_lo}^{y_hi} f(x, y) dy: the line integral along a vertical bin edge at x. Exact,
 // because f is linear in y inside each cell.
-template <typename T>
-PRROI_HOST_DEVICE T vertical_edge_integral(const T* plane, int64_t height, int64_t width, T x,
+template <typename T, typename S>
+PRROI_HOST_DEVICE T vertical_edge_integral(const S* plane, int64_t height, int64_t width, T x,
                                            T y_lo, T y_hi) {
   int64_t h0, h1, w0, w1;
   interval_pixels(y_lo, y_hi, height, &h0, &h1);
@@ -143,15 +143,15 @@ PRROI_HOST_DEVICE T vertical_edge_integral(const T* plane, int64_t height, int64
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T value = T(0);
-    for (int64_t w = w0; w <= w1; ++w) value += hat(x - T(w)) * plane[h * width + w];
+    for (int64_t w = w0; w <= w1; ++w) value += hat(x - T(w)) * static_cast<T>(plane[h * width + w]);
     sum += interval_weight(y_lo, y_hi, h) * value;
   }
   return sum;
 }
 
 // integral_{x_lo}^{x_hi} f(x, y) dx along a horizontal bin edge at y.
-template <typename T>
-PRROI_HOST_DEVICE T horizontal_edge_integral(const T* plane, int64_t height, int64_t width, T y,
+template <typename T, typename S>
+PRROI_HOST_DEVICE T horizontal_edge_integral(const S* plane, int64_t height, int64_t width, T y,
                                              T x_lo, T x_hi) {
   int64_t h0, h1, w0, w1;
   point_pixels(y, height, &h0, &h1);
@@ -159,7 +159,7 @@ PRROI_HOST_DEVICE T horizontal_edge_integral(const T* plane, int64_t height, int
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T row = T(0);
-    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(x_lo, x_hi, w) * plane[h * width + w];
+    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(x_lo, x_hi, w) * static_cast<T>(plane[h * width + w]);
     sum += hat(y - T(h)) * row;
   }
   return sum;

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, loaded with ``weights_only=True``.
 
 A checkpoint is a plain dict of tensors and Python primitives: ``model``, ``optimizer``,
-``scheduler`` (state dicts), ``iteration`` (iterations completed), ``rng`` (torch / numpy / random
+``scheduler``, ``scaler`` (state dicts; ``scaler`` is the float16 AMP GradScaler's, empty when
+it is disabled), ``iteration`` (iterations completed), ``rng`` (torch / numpy / random
 states), ``config`` (``config.to_dict``), ``dataset`` (num_classes, label_to_cat_id, class_names),
 and ``format``.
 """

@@ -61,27 +61,30 @@ def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_cat_id: 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_id: list[int],
-            progress: bool = True) -> list[dict]:
-    """Run ``model`` over ``loader`` (yields (images, targets)) → COCO results list."""
+            progress: bool = True, amp=None) -> list[dict]:
+    """Run ``model`` over ``loader`` (yields (images, targets)) → COCO results list. ``amp``: an
+    :class:`~ioulab.detector.engine.amp.AmpPolicy` whose autocast wraps the forward (None: off)."""
     model.eval()
     results: list[dict] = []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        outputs = model([img.to(device, non_blocking=True) for img in images])
+        with amp.autocast() if amp is not None else contextlib.nullcontext():
+            outputs = model([img.to(device, non_blocking=True) for img in images])
         results += to_coco_results(outputs, [t["image_id"] for t in targets], label_to_cat_id)
     return results
 
 
 def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], inference, device,
-                   num_workers: int = 0, out_dir=None, progress: bool = True) -> dict[str, float]:
-    """Predict on ``dataset`` (a CocoDetection) and score it. With ``out_dir``, writes
-    ``detections.json`` (COCO results) and ``metrics.json`` there."""
+                   num_workers: int = 0, out_dir=None, progress: bool = True, amp=None) -> dict[str, float]:
+    """Predict on ``dataset`` (a CocoDetection) and score it, under ``amp`` (the training's AMP
+    policy, None: off). With ``out_dir``, writes ``detections.json`` (COCO results) and
+    ``metrics.json`` there."""
     import json
     from pathlib import Path
 
     from ioulab.detector.data.loader import build_eval_loader
 
     loader = build_eval_loader(dataset, inference.batch_size, num_workers)
-    detections = predict(model, loader, device, label_to_cat_id, progress=progress)
+    detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp)
     metrics = coco_metrics(dataset.coco, detections)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -120,12 +123,14 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
 
 
 def evaluate_checkpoint(checkpoint_path, overrides=(), out_dir=None, progress: bool = True):
-    """Evaluate a saved checkpoint on its config's validation split (with ``overrides``).
-    Returns (metrics, cfg)."""
+    """Evaluate a saved checkpoint on its config's validation split (with ``overrides``), under
+    the AMP policy its training used (``train.amp``, ``train.amp_dtype``). Returns (metrics, cfg)."""
+    from ioulab.detector.engine.amp import amp_policy
     from ioulab.detector.engine.datasets import build_datasets
 
     model, cfg, info, dev = load_trained(checkpoint_path, overrides)
     _, val_set = build_datasets(cfg.data)
     metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, dev,
-                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress)
+                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress,
+                             amp=amp_policy(cfg.train, dev))
     return metrics, cfg

@@ -1,6 +1,6 @@
 """The single-run trainer: read top to bottom, it is the whole training procedure.
 
-    data → model → SGD with warmup + step LR → iterate (AMP on CUDA) → log → checkpoint → evaluate
+    data → model → SGD with warmup + step LR → iterate (AMP: engine/amp.py) → log → checkpoint → evaluate
 
 Outputs in ``out_dir``: ``config.yaml``, ``checkpoints/model_XXXXXXX.pth`` (atomic), ``log.jsonl``
 (every logged step, kept locally whatever the tracking backend does), ``metrics.json`` and
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine.amp import amp_policy
 from ioulab.detector.engine.datasets import build_datasets
 from ioulab.detector.engine.evaluate import evaluate_model
 from ioulab.detector.engine.events import NullLogger, RunLogger
@@ -108,8 +109,8 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
     optimizer = build_optimizer(model, tcfg)
     total = total_iterations(tcfg, len(train_set))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tcfg, total))
-    use_amp = tcfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp = amp_policy(tcfg, device)
+    scaler = amp.grad_scaler()  # enabled for float16 only
 
     start = 0
     latest = ckpt_io.latest_checkpoint(ckpt_dir)
@@ -120,7 +121,8 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state.get("scaler", {})) if use_amp else None
+        if scaler.is_enabled() and state.get("scaler"):  # empty when saved without float16 AMP
+            scaler.load_state_dict(state["scaler"])
         ckpt_io.set_rng_state(state["rng"])
         start = state["iteration"]
     elif latest is not None:
@@ -154,7 +156,7 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
         images, targets = next(batches)
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=use_amp):
+        with amp.autocast():
             terms = model(images, targets)
         weighted = model.weighted_losses(terms)
         for name, value in weighted.items():
@@ -187,7 +189,8 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
             metrics = None
             if tcfg.eval_period > 0 and step % tcfg.eval_period == 0 and step != total:
                 metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference,
-                                         device, num_workers=cfg.data.num_workers, progress=progress)
+                                         device, num_workers=cfg.data.num_workers, progress=progress,
+                                         amp=amp)
                 logger.log_metrics(metrics, step)
                 model.train()
             if on_checkpoint is not None and step != total:
@@ -197,7 +200,7 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
     seconds_per_iter = (time.perf_counter() - t_start) / max(it + 1 - start, 1)
 
     metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference, device,
-                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress)
+                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress, amp=amp)
     logger.log_metrics(metrics, total)
     for artifact in ("config.yaml", "metrics.json"):
         logger.log_artifact(out_dir / artifact)

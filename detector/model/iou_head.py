@@ -4,6 +4,10 @@ Shape glossary: R boxes, C channels of the pooled features, P×P pool size, K fo
 
     pooled Tensor[R, C, P, P] → flatten → FC → ReLU → FC → ReLU → FC → raw Tensor[R, K]
 
+Under ``torch.autocast`` the last FC runs in float32 (autocast off, input cast up): the raw IoU
+feeds thresholds as fine as 0.001 (the refinement's stop rule) and IoU-guided NMS ranks boxes by
+it, and bfloat16 resolves only ~0.004 around 0.8. It is a (representation × K) layer: cheap.
+
 The prediction for a box is the column of its class (label l ∈ 1..K → column l − 1). The raw output
 is decoded by the loss's parametrisation (:class:`IoULoss`).
 """
@@ -26,8 +30,9 @@ class IoUHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        x = F.relu(self.fc1(pooled.flatten(1)))
-        return self.out(F.relu(self.fc2(x)))
+        x = F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.out(x.to(self.out.weight.dtype))
 
 
 def select_class(raw: Tensor, labels: Tensor) -> Tensor:

@@ -15,6 +15,11 @@ boxes still active at a step.
 differentiably (PrRoIPool + IoU head); ``index`` (ascending) says which of the D boxes they are, so
 ``f`` can find each box's image and class. Only active boxes are evaluated, and the last step
 needs no gradient: the cost falls as boxes stop.
+
+Under ``torch.autocast`` the boxes, their gradient and the predicted IoU stay float32 (at least):
+``f`` may compute in a half type inside (PrRoIPool keeps float32 coordinates and returns the
+RoI gradient in float32), but a step λ·g·w of a fraction of a pixel and the stop thresholds Ω1 =
+0.001 would not survive bfloat16's 8 bits.
 """
 from __future__ import annotations
 
@@ -39,14 +44,19 @@ def _valid(boxes: Tensor, limits: Tensor) -> tuple[Tensor, Tensor]:
     return out, ok
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _iou_and_grad(f: IoUFunction, boxes: Tensor, index: Tensor, need_grad: bool = True
                   ) -> tuple[Tensor, Tensor | None]:
+    """(iou Tensor[A], d iou / d boxes Tensor[A, 4] or None), in the boxes' dtype (>= float32)."""
     if not need_grad:
         with torch.no_grad():
-            return f(boxes, index), None
+            return _at_least_float32(f(boxes, index)), None
     with torch.enable_grad():
         b = boxes.detach().requires_grad_(True)
-        iou = f(b, index)
+        iou = _at_least_float32(f(b, index))
         (grad,) = torch.autograd.grad(iou.sum(), b)
     return iou.detach(), grad
 
@@ -57,7 +67,7 @@ def refine_boxes(boxes: Tensor, f: IoUFunction, image_wh: Tensor, lam: float,
     (refined boxes Tensor[D, 4], their predicted IoU Tensor[D]). ``steps = 0`` returns the boxes
     and their IoU unchanged. Each box's IoU depends only on its own coordinates, so one backward
     pass over the sum serves every active box."""
-    boxes = boxes.detach().clone()
+    boxes = _at_least_float32(boxes.detach()).clone()
     if boxes.numel() == 0:
         return boxes, boxes.new_zeros((0,))
     limits = image_wh.to(boxes)

@@ -8,6 +8,12 @@ Shape glossary:
 Why a subclass: torchvision's ``RoIHeads.forward`` hard-wires Smooth-L1 in ``fastrcnn_loss`` and
 ``batched_nms`` in ``postprocess_detections``. We keep its proposal matching and sampling
 (``select_training_samples``) and replace the two pieces with callables chosen by the factory.
+
+Mixed precision: under ``torch.autocast`` the box head's outputs (class logits, box deltas) are
+cast to float32 as they leave it (:meth:`DetectionRoIHeads._predict`), so softmax, box decoding,
+the box losses and NMS run in float32: decoded in bfloat16, an 800 px coordinate would be rounded
+to a multiple of 4 px. (The RPN's proposals are decoded by torchvision in the autocast dtype;
+they are only the box head's inputs, and its deltas are relative to them.)
 """
 from __future__ import annotations
 
@@ -28,6 +34,11 @@ from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator
 DetectionNMS = Callable[[Tensor, Tensor, Tensor], Tensor]
 # (pred Tensor[P, 4], target Tensor[P, 4], reduction) -> loss ; xyxy boxes
 PairLoss = Callable[..., Tensor]
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-type tensors (autocast outputs) to float32; float32 / float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class BoxRegressionLoss:
@@ -125,8 +136,10 @@ class DetectionRoIHeads(RoIHeads):
         return self._forward_box_infer(features, proposals, image_shapes), {}
 
     def _predict(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
+        """(class_logits Tensor[R, K], box_regression Tensor[R, K*4]), at least float32."""
         pooled = self.box_roi_pool(features, proposals, image_shapes)
-        return self.box_predictor(self.box_head(pooled))
+        class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+        return _at_least_float32(class_logits), _at_least_float32(box_regression)
 
     def _forward_box_train(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
         if targets is None:

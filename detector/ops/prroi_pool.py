@@ -9,6 +9,17 @@ Each bin outputs the exact mean of the bilinearly interpolated feature map over 
 (shared/REFERENCE.md, PrRoIPool), so the output is differentiable in the RoI coordinates too;
 the IoUNet refinement uses d(pooled)/d(rois). Gradients are first order only.
 
+Precision: input may be float32, float64, float16 or bfloat16; rois have the input's dtype or,
+with a half-type input, float32 (box coordinates in bfloat16 would be rounded to whole pixels or
+worse). Half types are computed and accumulated in float32 (the same kernels, see
+``csrc/prroi_pool/prroi_pool_math.h``); the output and the feature gradient have the input's
+dtype, the RoI gradient has the rois' dtype.
+
+Under ``torch.autocast`` (CPU or CUDA) the op's autocast rule (``csrc/prroi_pool/prroi_pool.cpp``)
+runs it in the dtype of the features, whatever the autocast dtype, with the rois cast to the
+compute dtype (:func:`rois_dtype`): half-type FPN maps are pooled natively (no float32 copy of the
+maps), float32 maps stay float32, and the coordinates and their gradient stay float32.
+
 Backends: ``"extension"`` (default; C++/CUDA kernels, compiled on first use, see ``build.py``) or
 ``"reference"`` (pure PyTorch, slow). Choose with the ``backend`` argument or the environment
 variable ``IOULAB_PRROI_BACKEND``. A failed build raises; there is no silent fallback.
@@ -36,6 +47,12 @@ def _resolve_backend(backend: str | None) -> str:
         raise ValueError(f"unknown PrRoIPool backend {chosen!r} (from "
                          f"{'argument' if backend else 'IOULAB_PRROI_BACKEND'}); use one of {BACKENDS}")
     return chosen
+
+
+def rois_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in and the autocast rule casts rois to: float32 for the half
+    types (and float32), float64 for float64."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -80,14 +97,16 @@ def ensure_ops() -> None:
         _registered = True
 
 
-def _check(input: Tensor, rois: Tensor) -> None:
+def _check(input: Tensor, rois: Tensor, autocast: bool) -> None:
     if input.dim() != 4:
         raise ValueError(f"prroi_pool: input must be [N, C, H, W], got {tuple(input.shape)}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"prroi_pool: rois must be [K, 5], got {tuple(rois.shape)}")
-    if rois.dtype != input.dtype or rois.device != input.device:
+    dtype_ok = autocast or rois.dtype in (input.dtype, rois_dtype(input.dtype))
+    if not dtype_ok or rois.device != input.device:
         raise ValueError(f"prroi_pool: rois ({rois.dtype}, {rois.device}) must match input "
-                         f"({input.dtype}, {input.device})")
+                         f"({input.dtype}, {input.device}); float32 rois may go with a float16 or "
+                         "bfloat16 input")
 
 
 def prroi_pool(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int],
@@ -95,20 +114,25 @@ def prroi_pool(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tu
     """Precise RoI Pooling.
 
     Args:
-        input: [N, C, H, W] float32 or float64.
-        rois: [K, 5] (batch_index, x1, y1, x2, y2), or a list of N boxes tensors [K_i, 4].
+        input: [N, C, H, W] float32, float64, float16 or bfloat16.
+        rois: [K, 5] (batch_index, x1, y1, x2, y2), or a list of N boxes tensors [K_i, 4]; the
+            input's dtype, or float32 with a half-type input (any dtype under autocast).
         output_size: PH = PW, or (PH, PW).
         spatial_scale: feature-map pixels per input pixel (e.g. 1/4 for FPN level P2).
         backend: "extension" | "reference" | None (env IOULAB_PRROI_BACKEND, else "extension").
 
     Returns:
-        [K, C, PH, PW]; differentiable wrt input and the RoI coordinates (batch index: 0).
+        [K, C, PH, PW] in the input's dtype; differentiable wrt input and the RoI coordinates
+        (batch index: 0).
     """
     if not isinstance(rois, Tensor):
         rois = convert_boxes_to_roi_format(rois)
-    _check(input, rois)
+    autocast = torch.is_autocast_enabled(input.device.type)
+    _check(input, rois, autocast)
     pooled_height, pooled_width = _pair(output_size)
     if _resolve_backend(backend) == "reference":
+        if autocast:  # the extension's autocast rule, for the reference
+            rois = rois.to(rois_dtype(input.dtype))
         return prroi_pool_reference(input, rois, (pooled_height, pooled_width), spatial_scale)
     ensure_ops()
     return torch.ops.ioulab.prroi_pool(input, rois, float(spatial_scale), pooled_height, pooled_width)

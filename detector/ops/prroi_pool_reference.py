@@ -16,6 +16,9 @@ Gradients come from autograd: Hc is C1, so the derivative wrt a bin edge is hat(
 exact Leibniz-rule line integral, also on integer grid lines. This is the independent check of the
 hand-written RoI gradient in the C++ kernels. Cost is dense in the map width / height
 (O(K * C * H * W * PW)), so this backend is slow; RoIs are processed in chunks to bound memory.
+
+Half types are computed in float32 (autocast off) and the output cast back to the input's dtype,
+like the kernels.
 """
 from __future__ import annotations
 
@@ -53,9 +56,17 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, output_size: int | tuple[i
                          spatial_scale: float = 1.0, roi_chunk: int = 64) -> Tensor:
     """PrRoIPool forward in PyTorch ops (differentiable by autograd wrt input and rois).
 
-    input: [N, C, H, W]; rois: [K, 5]; returns [K, C, PH, PW]. The batch-index column gets no
-    gradient (it is used as an index).
+    input: [N, C, H, W]; rois: [K, 5]; returns [K, C, PH, PW] in the input's dtype. The
+    batch-index column gets no gradient (it is used as an index).
     """
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    with torch.autocast(input.device.type, enabled=False):
+        out = _pool(input.to(compute), rois.to(compute), output_size, spatial_scale, roi_chunk)
+    return out.to(input.dtype)
+
+
+def _pool(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float,
+          roi_chunk: int) -> Tensor:
     pooled_h, pooled_w = _pair(output_size)
     _, channels, height, width = input.shape
     num_rois = rois.shape[0]

@@ -269,3 +269,20 @@ def test_single_box():
     assert diou_nms(boxes, scores, 0.5).tolist() == [0]
     keep, new_scores = batched_iou_guided_nms(boxes, scores, scores, torch.tensor([3]))
     assert keep.tolist() == [0] and new_scores.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_under_autocast_match_float32(dtype):
+    """Boxes, scores and IoUs in a half type (autocast outputs) are compared in float32: the
+    result is the float32 one on the same rounded values, inside or outside autocast."""
+    boxes, scores, ious, labels = clustered_boxes(3, dtype=torch.float32)
+    half = [t.to(dtype) for t in (boxes, scores, ious)]
+    rounded = [t.float() for t in half]
+    want_diou = batched_diou_nms(rounded[0], rounded[1], labels, 0.5)
+    want_keep, want_scores = batched_iou_guided_nms(*rounded, labels, 0.5, rank="iou_x_score")
+    with torch.autocast("cpu", dtype=dtype):
+        got_diou = batched_diou_nms(half[0], half[1], labels, 0.5)
+        got_keep, got_scores = batched_iou_guided_nms(*half, labels, 0.5, rank="iou_x_score")
+    assert torch.equal(got_diou, want_diou)
+    assert torch.equal(got_keep, want_keep)
+    torch.testing.assert_close(got_scores.float(), want_scores, rtol=0, atol=0)

@@ -334,9 +334,11 @@ def test_invalid_arguments():
     bad[0, 0] = 5  # no such image
     with pytest.raises(RuntimeError, match="batch indices"):
         prroi_pool(input, bad, 2)
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        ensure_ops()
-        torch.ops.ioulab.prroi_pool(input.half(), rois.half(), 1.0, 2, 2)
+    ensure_ops()
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        torch.ops.ioulab.prroi_pool(input.int(), rois, 1.0, 2, 2)
+    with pytest.raises(RuntimeError, match="float32 with a half-type input"):
+        torch.ops.ioulab.prroi_pool(input, rois.bfloat16(), 1.0, 2, 2)
 
 
 def test_opcheck_schema_autograd_and_fake():
