@@ -60,9 +60,18 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
+    """The papers' backbone by default: ImageNet ResNet-50, FrozenBatchNorm, stem and layer1 frozen.
+
+    ``pretrained``: start from ImageNet weights: the file ``weights`` (a torchvision ResNet state
+    dict) if given, else torchvision's cache (downloaded once if the network allows). ``false``
+    trains from scratch and then needs ``norm: bn`` and ``trainable_layers: 5`` (a frozen random
+    layer learns nothing). ``norm``: frozen_bn | bn. ``tiny`` is always trained from scratch."""
+
     name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
-    pretrained: bool = False  # ImageNet weights: downloads, so opt-in only
-    trainable_layers: int = 3  # ResNet stages left trainable (torchvision semantics)
+    pretrained: bool = True
+    weights: str = ""  # a local torchvision ResNet state dict (GPU clusters often have no internet)
+    norm: str = "frozen_bn"  # frozen_bn (FrozenBatchNorm2d) | bn (trainable BatchNorm2d)
+    trainable_layers: int = 3  # of (stem, layer1..layer4), counted from layer4: 3 freezes stem+layer1
     fpn_channels: int = 256
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # tiny: per stage
 
@@ -228,6 +237,7 @@ class Config:
 # Allowed values of the string choices, checked at the edge (the factory maps them to callables).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
+    "model.backbone.norm": ("frozen_bn", "bn"),
     "model.roi_pool": ("roi_align", "prroi_pool"),
     "model.roi_heads.box_loss.type": ("smooth_l1", "iou", "giou", "diou", "ciou"),
     "model.roi_heads.box_loss.frame": ("image", "proposal"),
@@ -430,7 +440,23 @@ def validate(cfg: Config, source: str = "config") -> Config:
                           "(model.iou_head.enabled=true)")
     if cfg.inference.refine.steps < 0:
         raise ConfigError(f"{source}: inference.refine.steps must be >= 0")
+    validate_backbone(cfg.model.backbone, source)
     return cfg
+
+
+def validate_backbone(b: BackboneConfig, source: str = "config") -> BackboneConfig:
+    """Backbone keys that only make sense together (see :class:`BackboneConfig`)."""
+    if not 0 <= b.trainable_layers <= 5:
+        raise ConfigError(f"{source}: model.backbone.trainable_layers must be 0..5, got {b.trainable_layers}")
+    if b.name == "tiny" and b.pretrained:
+        raise ConfigError(f"{source}: the tiny backbone has no ImageNet weights; set model.backbone.pretrained=false")
+    if b.weights and not b.pretrained:
+        raise ConfigError(f"{source}: model.backbone.weights is set but model.backbone.pretrained=false")
+    if not b.pretrained and (b.norm != "bn" or b.trainable_layers != 5):
+        raise ConfigError(f"{source}: model.backbone.pretrained=false trains from scratch: also set "
+                          "model.backbone.norm=bn and model.backbone.trainable_layers=5 "
+                          "(frozen BatchNorm or layers would keep their random weights)")
+    return b
 
 
 def from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
@@ -457,6 +483,6 @@ def clone(cfg: Config) -> Config:
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "TrainConfig", "InferenceConfig", "NMSConfig",
     "BackboneConfig", "AnchorConfig", "RPNConfig", "RoIHeadsConfig", "BoxLossConfig", "SynthConfig",
-    "ConfigError", "CHOICES", "load_config", "validate", "apply_overrides", "set_value", "parse_override",
+    "ConfigError", "CHOICES", "load_config", "validate", "validate_backbone", "apply_overrides", "set_value", "parse_override",
     "flatten", "to_dict", "from_dict", "dump_yaml", "diff", "clone", "valid_keys", "preset_names",
 ]

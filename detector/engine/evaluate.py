@@ -114,7 +114,7 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
     ckpt_io.check_compatible(state, cfg, path, prefix="model.")
     dev = resolve_device(cfg.train.device if device == "auto" else device)
     info = state["dataset"]
-    model = build_model(cfg.model, info["num_classes"], cfg.inference)
+    model = build_model(cfg.model, info["num_classes"], cfg.inference, load_pretrained=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

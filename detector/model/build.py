@@ -7,6 +7,7 @@ touching its weights (eval-only sweeps rely on that).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -16,8 +17,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
 from ioulab.detector import losses, nms
-from ioulab.detector.config import InferenceConfig, ModelConfig
-from ioulab.detector.model.backbone import resnet_fpn, tiny_fpn_backbone
+from ioulab.detector.config import InferenceConfig, ModelConfig, validate_backbone
+from ioulab.detector.model.backbone import resolve_imagenet_weights, resnet_fpn, tiny_fpn_backbone
 from ioulab.detector.model.detector import Detector
 from ioulab.detector.model.iou_head import IOU_LOSSES, IoUHead
 from ioulab.detector.model.postprocess import build_postprocess
@@ -32,11 +33,24 @@ IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 BOX_LOSSES = {"smooth_l1": None, **losses.BOX_LOSSES}
 
 
-def build_backbone(cfg: ModelConfig):
+def pretrained_weights(cfg: ModelConfig, download: bool = True) -> Path | None:
+    """The ImageNet weights file the backbone starts from (None: random initialisation).
+
+    Commands call it right after reading the config, before any work: missing weights fail there
+    with one line naming both ways to provide them (see :func:`resolve_imagenet_weights`)."""
+    b = validate_backbone(cfg.backbone, "model config")
+    if not b.pretrained:
+        return None
+    return resolve_imagenet_weights(b.name, b.weights, download=download)
+
+
+def build_backbone(cfg: ModelConfig, load_pretrained: bool = True):
+    """``load_pretrained=False`` skips the ImageNet weights (a checkpoint replaces them anyway)."""
     b = cfg.backbone
     if b.name == "tiny":
         return tiny_fpn_backbone(b.tiny_widths, b.fpn_channels)
-    return resnet_fpn(b.name, b.pretrained, b.trainable_layers, b.fpn_channels)
+    weights = pretrained_weights(cfg) if load_pretrained else None
+    return resnet_fpn(b.name, weights, b.norm, b.trainable_layers, b.fpn_channels)
 
 
 def build_pooler(cfg: ModelConfig, kind: str | None = None):
@@ -127,12 +141,14 @@ def loss_weights(cfg: ModelConfig) -> dict[str, float]:
     }
 
 
-def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig | None = None) -> Detector:
-    """Faster R-CNN for ``num_classes`` foreground classes (background is added)."""
+def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig | None = None,
+                load_pretrained: bool = True) -> Detector:
+    """Faster R-CNN for ``num_classes`` foreground classes (background is added).
+    ``load_pretrained=False``: no ImageNet weights (for a model whose checkpoint is loaded next)."""
     inference = inference or InferenceConfig()
     if inference.mode != "baseline" and not cfg.iou_head.enabled:
         raise ValueError(f"inference.mode={inference.mode} needs model.iou_head.enabled=true")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, load_pretrained)
     channels = backbone.out_channels
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
     return Detector(backbone, build_rpn(cfg, channels),

@@ -14,6 +14,10 @@ import torch
 
 from ioulab.platform.bench.common import BenchResult
 
+# The ResNet-50 rows compare with torchvision's stock model built without weights (no download):
+# both from scratch, with trainable BatchNorm and every layer trained.
+R50_FROM_SCRATCH = ["model.backbone.pretrained=false", "model.backbone.norm=bn", "model.backbone.trainable_layers=5"]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="config of our model (default: cpu_tiny)")
@@ -101,7 +105,8 @@ def run(args) -> BenchResult:
              f"rows interleaved in rounds"]
     if not args.no_r50:
         size = base.model.min_size
-        r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}"])
+        r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}",
+                                           *R50_FROM_SCRATCH])
         seed_everything(0)
         ours = _Stepper(build_model(r50.model, k, r50.inference), batches)
         seed_everything(0)

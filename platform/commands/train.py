@@ -46,8 +46,10 @@ def print_metrics(metrics: dict[str, float]) -> None:
 def run(args) -> int:
     from ioulab.detector.engine.datasets import absolutize
     from ioulab.detector.engine.train import train
+    from ioulab.detector.model.build import pretrained_weights
 
     cfg = C.load_config(args.config, args.overrides)
+    pretrained_weights(cfg.model)  # ImageNet weights missing: one line now, before data or MLflow
     absolutize(cfg.data)
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     tracker = open_run(args, out.name, out, {"ioulab.run_dir": str(out), "ioulab.command": "train",

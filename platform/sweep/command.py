@@ -43,6 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no Tune status table")
 
 
+def check_backbone_weights(plan) -> None:
+    """Every training point's ImageNet weights exist here (or download now) before Ray starts;
+    a missing file raises the one-line error of ``pretrained_weights``."""
+    if plan.checkpoint is not None:
+        return  # evaluations load trained weights
+    from ioulab.detector.model.build import pretrained_weights
+    from ioulab.platform.sweep.space import trial_config
+
+    for point in plan.train_points:
+        pretrained_weights(trial_config(plan, point).model)
+
+
 def run(args) -> int:
     t0 = time.perf_counter()
     try:
@@ -61,6 +73,7 @@ def run(args) -> int:
     if args.dry_run:
         print(describe(plan))
         return 0
+    check_backbone_weights(plan)
 
     from ioulab.platform.sweep.driver import SweepError, SweepOptions, outcome_json, run_sweep, summary_markdown
 

@@ -8,7 +8,10 @@ def test_presets_load_and_differ():
     assert tiny.model.backbone.name == "tiny" and tiny.model.min_size == 128
     assert r50.model.backbone.name == "resnet50" and (r50.model.min_size, r50.model.max_size) == (800, 1333)
     assert (r50.train.lr, r50.train.batch_size, r50.train.epochs) == (0.02, 16, 12.0)
-    assert r50.model.backbone.pretrained is False  # ImageNet weights only with an explicit flag
+    b = r50.model.backbone  # the papers' backbone: ImageNet weights, FrozenBatchNorm, stem + layer1 frozen
+    assert (b.pretrained, b.norm, b.trainable_layers) == (True, "frozen_bn", 3)
+    assert (tiny.model.backbone.pretrained, tiny.model.backbone.norm, tiny.model.backbone.trainable_layers) == \
+        (False, "bn", 5)  # from scratch
     assert C.load_config(None) == tiny  # the default preset
 
 
