@@ -119,3 +119,14 @@ def test_float16_grad_scaler_state_survives_resume(iounet_cfg, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert resumed.metrics == straight.metrics
+
+
+def test_configs_stored_before_amp_dtype_keep_their_meaning():
+    """Checkpoints and sweep plans written when ``train.amp: true`` meant "on CUDA only"."""
+    old = C.to_dict(C.load_config("cpu_tiny"))
+    del old["train"]["amp_dtype"]
+    old["train"]["amp"] = True
+    assert C.from_dict(old).train.amp is None
+    old["train"]["amp"] = False
+    assert C.from_dict(old).train.amp is False
+    assert C.from_dict(C.to_dict(C.load_config("cpu_tiny", ["train.amp=true"]))).train.amp is True
