@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prroi_elements(
   at::Tensor output = at::empty({K, C, pooled_height, pooled_width}, options);
   at::Tensor grad_input = at::zeros(input.sizes(), options);
   at::Tensor partials = at::zeros({K, pooled_height * pooled_width, 4}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_elements", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_elements",
+                                  [&] {
     using T = at::opmath_type<scalar_t>;
     const T scale = static_cast<T>(spatial_scale);
     const int64_t total = output.numel();
