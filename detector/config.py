@@ -461,6 +461,10 @@ def validate_backbone(b: BackboneConfig, source: str = "config") -> BackboneConf
 
 def from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. stored in a checkpoint)."""
+    train = data.get("train", {})
+    if train.get("amp") is True and "amp_dtype" not in train:
+        # Stored before train.amp_dtype existed, when train.amp=true meant "on CUDA only".
+        data = {**data, "train": {**train, "amp": None}}
     cfg = Config()
     _apply_nested(cfg, data, source)
     return cfg

@@ -338,7 +338,8 @@ void backward_rois_one(const RoiWeights<T>& rw, const S* plane, const S* gout, c
       for (int64_t i = 0; i < y.count[ph]; ++i) {
         e_x_lo += wy[i] * P_lo[(first + i) * pooled_width + pw];
         e_x_hi += wy[i] * P_hi[(first + i) * pooled_width + pw];
-        if constexpr (!std::is_same<S, T>::value) integral += wy[i] * R[(first + i) * pooled_width + pw];
+        if constexpr (!std::is_same<S, T>::value)
+          integral += wy[i] * R[(first + i) * pooled_width + pw];
       }
       const T e_y_lo = y.lo_weight[2 * ph] * lo0[pw] + y.lo_weight[2 * ph + 1] * lo1[pw];
       const T e_y_hi = y.hi_weight[2 * ph] * hi0[pw] + y.hi_weight[2 * ph + 1] * hi1[pw];

@@ -126,7 +126,8 @@ PRROI_HOST_DEVICE T bin_integral(const S* plane, int64_t height, int64_t width, 
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T row = T(0);
-    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(bin.x_lo, bin.x_hi, w) * static_cast<T>(plane[h * width + w]);
+    for (int64_t w = w0; w <= w1; ++w)
+      row += interval_weight(bin.x_lo, bin.x_hi, w) * static_cast<T>(plane[h * width + w]);
     sum += interval_weight(bin.y_lo, bin.y_hi, h) * row;
   }
   return sum;
@@ -143,7 +144,8 @@ PRROI_HOST_DEVICE T vertical_edge_integral(const S* plane, int64_t height, int64
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T value = T(0);
-    for (int64_t w = w0; w <= w1; ++w) value += hat(x - T(w)) * static_cast<T>(plane[h * width + w]);
+    for (int64_t w = w0; w <= w1; ++w)
+      value += hat(x - T(w)) * static_cast<T>(plane[h * width + w]);
     sum += interval_weight(y_lo, y_hi, h) * value;
   }
   return sum;
@@ -159,7 +161,8 @@ PRROI_HOST_DEVICE T horizontal_edge_integral(const S* plane, int64_t height, int
   T sum = T(0);
   for (int64_t h = h0; h <= h1; ++h) {
     T row = T(0);
-    for (int64_t w = w0; w <= w1; ++w) row += interval_weight(x_lo, x_hi, w) * static_cast<T>(plane[h * width + w]);
+    for (int64_t w = w0; w <= w1; ++w)
+      row += interval_weight(x_lo, x_hi, w) * static_cast<T>(plane[h * width + w]);
     sum += hat(y - T(h)) * row;
   }
   return sum;

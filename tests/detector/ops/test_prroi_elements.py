@@ -75,3 +75,25 @@ def test_elements_official_vectors(elements):
     torch.testing.assert_close(out, outputs, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_in, grad_features, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_rois, grad_rois, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_elements_half_types_match_cpu_kernel(elements, dtype):
+    """The CUDA element bodies in float16 / bfloat16 (float32 rois and accumulation) agree with
+    the CPU kernel in the same dtype: both compute in float32 and round once, so they differ by
+    at most one rounding of the half type (rtol = eps) plus float32 noise; the RoI gradients are
+    float32 (rtol 64 float32-eps). Tolerances as in test_prroi_pool_amp.py."""
+    from ioulab.detector.ops import prroi_pool
+
+    input, rois = (t.float() for t in _case(2))
+    half = input.to(dtype)
+    grad_out = torch.randn(rois.shape[0], 3, 3, 2).to(dtype)
+    got = elements(half, rois, grad_out, 0.6, 3, 2)
+    x = half.clone().requires_grad_()
+    r = rois.clone().requires_grad_()
+    out = prroi_pool(x, r, (3, 2), 0.6)
+    want = (out.detach(), *torch.autograd.grad(out, [x, r], grad_out))
+    eps, f32 = torch.finfo(dtype).eps, 64 * torch.finfo(torch.float32).eps
+    for name, g, w, rtol in zip(["output", "grad_input", "grad_rois"], got, want, [eps, eps, f32]):
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=f32 * w.abs().max().item(), msg=name)

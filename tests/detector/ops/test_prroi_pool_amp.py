@@ -112,3 +112,14 @@ def test_autocast_rule_registered_for_cpu_and_cuda():
     for key in ("AutocastCPU", "AutocastCUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("ioulab::prroi_pool", key), key
     assert rois_dtype(torch.bfloat16) == torch.float32 and rois_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_opcheck_half_input_float32_rois(dtype):
+    """Schema, autograd registration and the fake kernels' dtypes hold for the mixed signature."""
+    ensure_ops()
+    input, rois = _case(5)
+    input = input.to(dtype).requires_grad_()
+    rois.requires_grad_()
+    torch.library.opcheck(torch.ops.ioulab.prroi_pool.default, (input, rois, 0.5, 2, 3),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
