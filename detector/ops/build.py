@@ -7,6 +7,15 @@ torch never picks up a stale binary. The build directory is guarded by the loade
 so several processes (e.g. Ray workers) may call :func:`load_extension` at once; within a
 process a lock and a cache make it a one-time cost.
 
+Build once per node, before any trial: ``python -m ioulab.detector.ops.build [--cuda]`` (every
+recipe runs it). Across processes the build holds :func:`build_lock`, an OS lock (``flock``) on
+``<build dir>/ioulab.lock`` that the kernel releases when its holder dies, so a build killed
+halfway never blocks the next one; the holder's pid, host and start time are written next to it
+(``ioulab.lock.owner``). Under that lock, a leftover ``lock`` file of torch's loader (which older
+torch versions wait on forever while it exists) is removed. A waiter reports the holder after a few
+seconds and gives up after ``IOULAB_BUILD_LOCK_TIMEOUT`` seconds (default 1800) with the path to
+delete; a holder that is a dead process on this host is reported at once.
+
 CUDA sources are compiled when ``torch.cuda.is_available()`` or ``IOULAB_BUILD_CUDA=1``.
 
 Command line (the CI compile check of the CUDA kernels, works without a GPU)::
@@ -16,13 +25,18 @@ Command line (the CI compile check of the CUDA kernels, works without a GPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import importlib.resources
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +54,14 @@ _LD_FLAGS = ("-fopenmp",)
 _NVCC_FLAGS = ("-O3",)
 _DEFAULT_CUDA_ARCH = "9.0"  # one architecture keeps the no-GPU compile check to a few minutes
 
+_LOCK_NAME, _OWNER_NAME, _TORCH_LOCK_NAME = "ioulab.lock", "ioulab.lock.owner", "lock"
+_LOCK_TIMEOUT = 1800.0  # seconds; a CUDA build takes minutes, a held lock beyond this is stuck
+_REPORT_AFTER = 5.0  # seconds of waiting before the holder is named
+_DEAD_GRACE = 2.0  # seconds a dead holder must stay recorded (a new holder writes itself at once)
+
 _lock = threading.Lock()
 _loaded: dict[bool, Path] = {}
+_log = logging.getLogger(__name__)
 
 
 class ExtensionBuildError(UserError, RuntimeError):
@@ -157,16 +177,115 @@ def _build(with_cuda: bool, verbose: bool) -> Path:
     return build_dir
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def lock_owner(build_dir: Path) -> dict | None:
+    """``{"pid", "host", "since"}`` of the process holding (or last holding) the build lock."""
+    try:
+        pid, host, since = (build_dir / _OWNER_NAME).read_text().split()
+        return {"pid": int(pid), "host": host, "since": float(since)}
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(owner: dict | None) -> str:
+    if owner is None:
+        return "an unknown process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"]))
+    return f"pid {owner['pid']} on {owner['host']} (since {started})"
+
+
+def _remove_stale_torch_lock(build_dir: Path) -> None:
+    """torch's loader keeps a ``lock`` file in the build dir. torch 2.14 flocks it (harmless when
+    left behind); older versions (``FileBaton``) wait while it merely exists, so one left by a
+    killed build hangs every later load. Called under :func:`build_lock`: a ``lock`` nobody holds
+    is stale, and removed."""
+    path = build_dir / _TORCH_LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live torch build: leave it
+    except BlockingIOError:
+        return
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # also torch's own flock'ed file, released but kept after every build
+        _log.debug("removed the unheld loader lock file %s", path)
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, timeout: float | None = None, poll: float = 0.1):
+    """Hold the cross-process build lock of ``build_dir`` (see the module docstring).
+
+    Raises :class:`ExtensionBuildError` naming the holder and the path to delete when the lock is
+    still held after ``timeout`` seconds (default ``$IOULAB_BUILD_LOCK_TIMEOUT`` or 1800), or at
+    once when its recorded holder is a dead process on this host."""
+    if timeout is None:
+        timeout = float(os.environ.get("IOULAB_BUILD_LOCK_TIMEOUT", _LOCK_TIMEOUT))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path, host = build_dir / _LOCK_NAME, socket.gethostname()
+    fd, acquired = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+    try:
+        start, reported, dead_since = time.monotonic(), False, {}
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                acquired = True
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            owner, now = lock_owner(build_dir), time.monotonic()
+            waited = now - start
+            if owner is not None and owner["host"] == host and not _pid_alive(owner["pid"]):
+                dead_since.setdefault((owner["pid"], owner["since"]), now)
+            dead = owner is not None and now - dead_since.get((owner["pid"], owner["since"]), now) > _DEAD_GRACE
+            if dead or waited > timeout:
+                why = "its recorded holder is dead" if dead else f"held for over {timeout:.0f} s"
+                raise ExtensionBuildError(
+                    f"the extension build lock {path} is {why} ({_describe(owner)}); if no build is "
+                    f"running on any node sharing {build_dir}, delete {path} and retry")
+            if not reported and waited > _REPORT_AFTER:
+                _log.warning("waiting for the extension build in %s by %s", build_dir, _describe(owner))
+                reported = True
+            time.sleep(poll)
+        (build_dir / _OWNER_NAME).write_text(f"{os.getpid()} {host} {time.time()}\n")
+        _remove_stale_torch_lock(build_dir)
+        yield path
+    finally:
+        if acquired:
+            with contextlib.suppress(OSError):
+                (build_dir / _OWNER_NAME).unlink()
+        os.close(fd)  # releases the flock
+
+
 def compile_and_load(name: str, sources: list[Path], build_dir: Path, with_cuda: bool,
                      verbose: bool = False, include_dirs: list[Path] = ()) -> None:
-    """Compile `sources` into `build_dir` with ninja (if not up to date) and load the library.
+    """Compile `sources` into `build_dir` with ninja (if not up to date) and load the library,
+    holding :func:`build_lock`.
 
     The sources' folders and `include_dirs` are on the include path.
 
     Raises ExtensionBuildError with the tail of the compiler output and the path of the full
     log (`build_dir/build.log`).
     """
-    build_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(build_dir):
+        _compile_and_load(name, sources, build_dir, with_cuda, verbose, include_dirs)
+
+
+def _compile_and_load(name: str, sources: list[Path], build_dir: Path, with_cuda: bool,
+                      verbose: bool, include_dirs: list[Path]) -> None:
     log = build_dir / "build.log"
     includes = sorted({str(Path(s).parent) for s in sources} | {str(d) for d in include_dirs})
     try:

@@ -1,17 +1,16 @@
 """Shared output of every `ioulab bench ...` command: one table on stdout, the same figures as JSON.
 
 A bench module exposes ``add_arguments(parser)`` and ``run(args) -> BenchResult``; the CLI prints
-``result`` with :func:`format_table` and, with ``--json FILE``, writes :func:`to_json`.
+``result`` with :func:`format_table` and, with ``--json FILE``, writes :func:`to_json`. Every timed
+region goes through :mod:`ioulab.platform.bench.timing` (device-synchronised).
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -50,15 +49,3 @@ def to_json(result: BenchResult, path: str | os.PathLike) -> None:
                "notes": result.notes, **result.extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
-
-
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from ioulab.platform.bench.common import BenchResult
+from ioulab.platform.bench.timing import timed
 
 ROWS = [("IoU head off", "baseline"), ("+ IoU-NMS", "iou_nms"),
         ("IoU computed, regular NMS", "iou_regular_nms"), ("+ refine", "refine")]
@@ -63,19 +63,18 @@ def run(args) -> BenchResult:
     times: dict[str, list[float]] = {k: [] for k in names}
     outputs: dict[str, list[dict]] = {k: [] for k in names}
 
-    def timed(name: str, m, image) -> None:
-        t0 = time.perf_counter()
-        with torch.no_grad():
+    def run_timed(name: str, m, image) -> None:
+        with timed(device) as t, torch.no_grad():
             out = m([image])[0]
-        times[name].append(time.perf_counter() - t0)
+        times[name].append(t.seconds)
         outputs[name].append(out)
 
     images = [(val_set[i][0].to(device), val_set[i][1]["image_id"]) for i in range(n)]
     for i, (image, _) in enumerate(images[: args.warmup] + images):
-        timed("baseline", base_model, image)
+        run_timed("baseline", base_model, image)
         for name, mode in ROWS:
             configure_inference(model, inference[mode])
-            timed(name, model, image)
+            run_timed(name, model, image)
         if i < args.warmup:  # warmup calls are not measured
             for k in names:
                 times[k].pop()

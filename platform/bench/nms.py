@@ -20,7 +20,8 @@ import torch
 from torchvision.ops import batched_nms
 
 from ioulab.detector.nms import batched_diou_nms, batched_iou_guided_nms, diou_nms
-from ioulab.platform.bench.common import BenchResult, time_call
+from ioulab.platform.bench.common import BenchResult
+from ioulab.platform.bench.timing import time_call
 
 TARGET_RATIO = 3.0
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> BenchResult:
         times = {name: [] for name in methods}
         for r in range(rounds):
             for name, fn in methods.items():
-                times[name].append(time_call(fn, repeats=5, warmup=warmup if r == 0 else 1))
+                times[name].append(time_call(fn, repeats=5, warmup=warmup if r == 0 else 1,
+                                             device=boxes.device))
         base_times = times["torchvision batched_nms"]
         for name, fn in methods.items():
             paired = [t / b for t, b in zip(times[name], base_times)]

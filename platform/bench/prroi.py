@@ -20,7 +20,8 @@ from torchvision.ops import roi_align
 from ioulab.detector.ops import prroi_pool
 from ioulab.detector.ops.prroi_pool import ensure_ops
 
-from .common import BenchResult, time_call
+from .common import BenchResult
+from .timing import time_call
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         return roi_align(f, r, size, args.spatial_scale, sampling_ratio=2, aligned=False)
 
     def measure(fn):
-        return 1000 * time_call(fn, repeats=args.repeats, warmup=args.warmup)
+        return 1000 * time_call(fn, repeats=args.repeats, warmup=args.warmup, device=feature.device)
 
     cases = [
         ("forward", lambda: ours(feature, rois), lambda: theirs(feature, rois), 1.5),

@@ -151,3 +151,10 @@ def test_a_bad_weights_file_fails_in_one_line_naming_it(tmp_path, content):
         B.resnet_fpn("resnet50", path, "frozen_bn", 3, 256)
     message = str(info.value)
     assert "\n" not in message and str(path) in message
+
+
+def test_a_model_for_a_checkpoint_needs_no_imagenet_weights(empty_torch_home):
+    home, attempts = empty_torch_home  # evaluation replaces the weights: nothing is looked up
+    cfg = C.load_config("r50_fpn_1x", ["model.min_size=64", "model.max_size=64"])
+    body = build_model(cfg.model, 3, cfg.inference, load_pretrained=False).backbone.body
+    assert attempts == [] and not home.exists() and isinstance(body.bn1, FrozenBatchNorm2d)

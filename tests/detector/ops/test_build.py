@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,108 @@ def test_cli_exit_code(monkeypatch, capsys):
     assert "/x/build.log" in capsys.readouterr().err
     monkeypatch.setattr(build, "load_extension", lambda **kwargs: Path("/cache/abc"))
     assert build.main([]) == 0
+
+
+# -- the cross-process build lock: a killed build never blocks the next one -------------------------
+HOLD_LOCK = """
+import pathlib, sys, time
+from ioulab.detector.ops.build import build_lock
+build_dir = pathlib.Path(sys.argv[1])
+with build_lock(build_dir):
+    (build_dir / "lock").write_text("")  # torch's loader lock file, as a build in progress leaves it
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_lock_in_child(build_dir: Path):
+    """A process that holds the build lock (as a build in progress does) until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(build_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+class BatonLock:
+    """The loader lock of torch versions before 2.14 (``FileBaton``): waits while the file exists,
+    so a file left by a killed build blocks forever (here: 20 s, then fails the test)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL)
+                return self
+            except FileExistsError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"waited on the stale lock {self.path}") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        os.remove(self.path)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("loader_lock", ["torch", "file_baton"])
+def test_build_after_a_build_killed_halfway(tmp_path, monkeypatch, loader_lock):
+    if loader_lock == "file_baton":
+        monkeypatch.setattr(build._cpp_extension(), "FileLock", BatonLock)
+    build_dir = tmp_path / "build"
+    proc = _hold_lock_in_child(build_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (build_dir / "lock").exists() and build.lock_owner(build_dir)["pid"] == proc.pid  # left behind
+    source = tmp_path / "tiny_op.cpp"
+    source.write_text("extern \"C\" int ioulab_lock_test() { return 1; }\n")
+    t0 = time.monotonic()
+    build.compile_and_load(f"ioulab_lock_test_{loader_lock}", [source], build_dir, with_cuda=False)
+    assert time.monotonic() - t0 < 120
+    assert f"ok: ioulab_lock_test_{loader_lock}" in (build_dir / "build.log").read_text()
+    assert build.lock_owner(build_dir) is None  # released
+
+
+@pytest.mark.timeout(60)
+def test_a_held_lock_is_reported_with_the_fix_not_waited_on_forever(tmp_path):
+    build_dir = tmp_path / "build"
+    proc = _hold_lock_in_child(build_dir)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(build.ExtensionBuildError) as info:
+            with build.build_lock(build_dir, timeout=1.0):
+                pass
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+    message = str(info.value)
+    assert "\n" not in message and f"pid {proc.pid}" in message
+    assert f"delete {build_dir / 'ioulab.lock'}" in message
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_held_for_a_dead_process_is_reported_within_seconds(tmp_path):
+    build_dir = tmp_path / "build"
+    proc = _hold_lock_in_child(build_dir)  # stands for a leaked lock whose recorded owner died
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (build_dir / "ioulab.lock.owner").write_text(f"{dead.pid} {socket.gethostname()} {time.time()}\n")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(build.ExtensionBuildError, match=rf"recorded holder is dead \(pid {dead.pid} "):
+            with build.build_lock(build_dir, timeout=600):
+                pass
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_waiters_get_the_lock_in_turn(tmp_path):
+    build_dir = tmp_path / "build"
+    with build.build_lock(build_dir):
+        assert build.lock_owner(build_dir)["pid"] == os.getpid()
+    with build.build_lock(build_dir, timeout=1.0):  # released: no wait
+        pass
