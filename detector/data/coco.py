@@ -67,7 +67,7 @@ def read_annotations(ann_file: Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{ann_file}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise DataError(f"{ann_file}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError:
         raise DataError(f"{ann_file}: not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
@@ -107,7 +107,9 @@ def _check_unique(ids: list[int], what: str, ann_file: Path) -> None:
             repeated.append(i)
         seen.add(i)
     if repeated:
-        raise DataError(f"{ann_file}: {_listed([str(i) for i in repeated], len(seen), what + 's appear more than once')}")
+        shown = ", ".join(map(str, repeated[:SHOWN])) + (", ..." if len(repeated) > SHOWN else "")
+        raise DataError(f"{ann_file}: {len(repeated)} {what}(s) used more than once: {shown} "
+                        "(ids must be unique)")
 
 
 def image_problem(path: Path, width: int, height: int) -> str | None:
