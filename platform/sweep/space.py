@@ -428,11 +428,12 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         label = _label(overrides)
         full = C.clone(train_cfg)  # the config an evaluation (or the training trial) runs with
         _apply(full, overrides, f"{where} (grid point {label})")
-        check_trial_config(full, where, label)
-        training = C.clone(train_cfg)  # the training trial's config (no inference-only keys)
-        _apply(training, {k: v for k, v in overrides.items() if not is_inference_key(k)},
-               f"{where} (grid point {label})")
-        check_trial_config(training, where, label)
+        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoints.check_checkpoint)
+            check_trial_config(full, where, label)
+            training = C.clone(train_cfg)  # the training trial's config (no inference-only keys)
+            _apply(training, {k: v for k, v in overrides.items() if not is_inference_key(k)},
+                   f"{where} (grid point {label})")
+            check_trial_config(training, where, label)
         flats.append(C.flatten(full))
     varying = [k for k in flats[0] if len({json.dumps(f[k], default=str) for f in flats}) > 1]
     if not varying:
