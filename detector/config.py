@@ -64,7 +64,7 @@ UNIT = Range(0, 1)                     # a fraction or an IoU threshold: [0, 1]
 FINITE = Range()
 
 # Per dataclass: ``limits: ClassVar[Limits] = {"field": Range(...)}``, next to the fields it bounds.
-Limits = dict
+Limits = dict[str, Range]
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ Limits = dict
 class SynthConfig:
     """The embedded default dataset, generated once into a cache folder."""
 
-    limits: ClassVar[Limits] = {"num_train": AT_LEAST_1, "num_val": AT_LEAST_1, "size": Range(32), "seed": NON_NEGATIVE}
+    limits: ClassVar[Limits] = {"num_train": AT_LEAST_1, "num_val": AT_LEAST_1, "size": Range(8), "seed": NON_NEGATIVE}
 
     num_train: int = 512
     num_val: int = 128
@@ -102,7 +102,7 @@ class DataConfig:
 @dataclass
 class BackboneConfig:
     limits: ClassVar[Limits] = {"trainable_layers": Range(0, 5), "fpn_channels": AT_LEAST_1,
-                                   "tiny_widths": Range(1, length=4)}
+                                "tiny_widths": Range(1, length=4)}
 
     name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
     pretrained: bool = False  # ImageNet weights: downloads, so opt-in only
@@ -114,7 +114,7 @@ class BackboneConfig:
 @dataclass
 class AnchorConfig:
     limits: ClassVar[Limits] = {"sizes": Range(0, lo_open=True, length=5),  # 5 FPN levels
-                                   "aspect_ratios": POSITIVE}
+                                "aspect_ratios": POSITIVE}
 
     sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -176,7 +176,7 @@ class RoIGeneratorConfig:
     (``per_img`` RoIs per image spread evenly over bins and GTs)."""
 
     limits: ClassVar[Limits] = {"per_iou": AT_LEAST_1, "per_img": AT_LEAST_1, "max_per_img": AT_LEAST_1,
-                                   "table_cap": AT_LEAST_1, "seed": NON_NEGATIVE}
+                                "table_cap": AT_LEAST_1, "seed": NON_NEGATIVE}
 
     strategy: str = "per_img"
     per_iou: int = 30
@@ -202,7 +202,7 @@ class IoUHeadConfig:
 @dataclass
 class ModelConfig:
     limits: ClassVar[Limits] = {"pool_size": AT_LEAST_1, "min_size": AT_LEAST_1, "max_size": AT_LEAST_1,
-                                   "num_classes": NON_NEGATIVE}
+                                "num_classes": NON_NEGATIVE}
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
@@ -272,7 +272,7 @@ class RefineConfig:
     """Optimization-based refinement: gradient ascent on the predicted IoU w.r.t. the box."""
 
     limits: ClassVar[Limits] = {"lam": NON_NEGATIVE, "steps": NON_NEGATIVE, "omega1": NON_NEGATIVE,
-                                   "omega2": FINITE}
+                                "omega2": FINITE}
 
     lam: float = 0.5  # step λ, scaled by box width/height
     steps: int = 5  # T
