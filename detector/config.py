@@ -74,7 +74,8 @@ Limits = dict[str, Range]
 class SynthConfig:
     """The embedded default dataset, generated once into a cache folder."""
 
-    limits: ClassVar[Limits] = {"num_train": AT_LEAST_1, "num_val": AT_LEAST_1, "size": Range(8), "seed": NON_NEGATIVE}
+    limits: ClassVar[Limits] = {"num_train": AT_LEAST_1, "num_val": AT_LEAST_1, "size": Range(8),
+                                "seed": NON_NEGATIVE}
 
     num_train: int = 512
     num_val: int = 128

@@ -43,7 +43,16 @@ SHOWN = 3  # problems listed by name in one error; the rest are counted
 
 
 class DataError(UserError, ValueError):
-    """A dataset file is invalid; the message names the file."""
+    """A dataset file is invalid; the message names the file.
+
+    A DataLoader worker's error is raised again in the main process as ``DataError("Caught
+    DataError in DataLoader worker process N.\\nOriginal Traceback ...")``; of that, only the last
+    line, the original one-line message, is kept (a user error, not a bug: no traceback)."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and "\nOriginal Traceback" in args[0]:
+            args = (args[0].rstrip().splitlines()[-1].split(": ", 1)[-1],)
+        super().__init__(*args)
 
 
 class MissingDataError(UserError, FileNotFoundError):

@@ -123,3 +123,15 @@ def test_damage_only_decoding_finds_names_the_file_at_load_time(tmp_path):
     with pytest.raises(DataError) as err:
         ds[2]
     assert str(err.value).startswith(f"{path}: cannot decode the image (image id 3 of {ann})")
+
+
+def test_a_load_time_error_in_a_worker_stays_one_line(tmp_path):
+    from ioulab.detector.data.loader import build_eval_loader
+
+    ann, img = write_coco(tmp_path, images(), annotations(), CATEGORIES)
+    ds = CocoDetection(ann, img, train=False)
+    (img / "001.png").write_text("gone bad after the check")
+    with pytest.raises(DataError) as err:
+        list(build_eval_loader(ds, batch_size=2, num_workers=1))
+    assert str(err.value).startswith(f"{img / '001.png'}: cannot decode the image (image id 1 of {ann})")
+    assert "\n" not in str(err.value)
