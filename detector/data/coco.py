@@ -121,22 +121,24 @@ def _check_unique(ids: list[int], what: str, ann_file: Path) -> None:
                         "(ids must be unique)")
 
 
-def image_problem(path: Path, width: int, height: int) -> str | None:
-    """What is wrong with an image file, found without decoding it (header and last bytes)."""
+def image_problem(img_dir: Path, file_name: str, width: int, height: int) -> str | None:
+    """What is wrong with an image file, found without decoding it (header and last bytes), as
+    ``"<file_name> is ..."``; None if nothing is."""
+    path = img_dir / file_name
     try:
         with Image.open(path) as pil:
             size, fmt = pil.size, pil.format
     except FileNotFoundError:
-        return f"{path.name} is missing"
+        return f"{file_name} is missing"
     except (OSError, Image.DecompressionBombError) as exc:
-        return f"{path.name} is not a readable image ({exc})"
+        return f"{file_name} is not a readable image ({exc})"
     if size != (width, height):
-        return f"{path.name} is {size[0]}x{size[1]}, not {width}x{height}"
+        return f"{file_name} is {size[0]}x{size[1]}, not {width}x{height}"
     if fmt in END_MARKERS:
         with path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - 64))
             if END_MARKERS[fmt] not in f.read():
-                return f"{path.name} is truncated (no {fmt} end marker)"
+                return f"{file_name} is truncated (no {fmt} end marker)"
     return None
 
 
@@ -208,12 +210,14 @@ class CocoDetection(torch.utils.data.Dataset):
             path = self.img_dir / info["file_name"]
             if not path.is_file():
                 missing.append(info["file_name"])
-            elif (problem := image_problem(path, info["width"], info["height"])) is not None:
+            elif (problem := image_problem(self.img_dir, info["file_name"], info["width"],
+                                           info["height"])) is not None:
                 broken.append(problem)
+        of = f"images of {self.ann_file.name}"
         if missing:
-            raise MissingDataError(f"{self.img_dir}: {_listed(missing, len(self.ids), f'images of {self.ann_file.name} are missing')}")
+            raise MissingDataError(f"{self.img_dir}: {_listed(missing, len(self.ids), of + ' are missing')}")
         if broken:
-            raise DataError(f"{self.img_dir}: {_listed(broken, len(self.ids), f'images of {self.ann_file.name} are unusable')}")
+            raise DataError(f"{self.img_dir}: {_listed(broken, len(self.ids), of + ' are unusable')}")
 
     def _build_targets(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
         """Per image: (boxes float32[N,4] xyxy clipped, labels int64[N]); plus dropped/kept counts.
