@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -30,12 +32,51 @@ class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key and its source."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key (of each item, for a list key), and a list's length.
+    Floats must also be finite (nan and inf are never allowed)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself excluded
+    hi_open: bool = False
+    length: int | None = None  # list keys: exactly this many items
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "finite"
+
+    def contains(self, x: float) -> bool:
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            return False
+        return self.hi is None or not (x > self.hi or (self.hi_open and x == self.hi))
+
+
+POSITIVE = Range(0, lo_open=True)      # > 0
+NON_NEGATIVE = Range(0)                # >= 0
+AT_LEAST_1 = Range(1)                  # >= 1
+UNIT = Range(0, 1)                     # a fraction or an IoU threshold: [0, 1]
+FINITE = Range()
+
+# Per dataclass: ``limits: ClassVar[Limits] = {"field": Range(...)}``, next to the fields it bounds.
+Limits = dict[str, Range]
+
+
 # --------------------------------------------------------------------------------------------
 # The schema
 # --------------------------------------------------------------------------------------------
 @dataclass
 class SynthConfig:
     """The embedded default dataset, generated once into a cache folder."""
+
+    limits: ClassVar[Limits] = {"num_train": AT_LEAST_1, "num_val": AT_LEAST_1, "size": Range(8),
+                                "seed": NON_NEGATIVE}
 
     num_train: int = 512
     num_val: int = 128
@@ -47,6 +88,8 @@ class SynthConfig:
 class DataConfig:
     """Where the data is. Explicit annotation/image keys win over ``root``; with neither, the
     synthetic dataset (``synth``) is generated once into the cache and used."""
+
+    limits: ClassVar[Limits] = {"flip_prob": UNIT, "num_workers": NON_NEGATIVE}
 
     root: str = ""  # a folder with annotations/{train,val}.json and {train,val}/ (ioulab data synth)
     train_ann: str = ""  # e.g. /data/coco/annotations/instances_train2017.json
@@ -67,6 +110,9 @@ class BackboneConfig:
     trains from scratch and then needs ``norm: bn`` and ``trainable_layers: 5`` (a frozen random
     layer learns nothing). ``norm``: frozen_bn | bn. ``tiny`` is always trained from scratch."""
 
+    limits: ClassVar[Limits] = {"trainable_layers": Range(0, 5), "fpn_channels": AT_LEAST_1,
+                                "tiny_widths": Range(1, length=4)}
+
     name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
     pretrained: bool = True
     weights: str = ""  # a local torchvision ResNet state dict (GPU clusters often have no internet)
@@ -78,12 +124,21 @@ class BackboneConfig:
 
 @dataclass
 class AnchorConfig:
+    limits: ClassVar[Limits] = {"sizes": Range(0, lo_open=True, length=5),  # 5 FPN levels
+                                "aspect_ratios": POSITIVE}
+
     sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
 
 
 @dataclass
 class RPNConfig:
+    limits: ClassVar[Limits] = {
+        "pre_nms_top_n_train": AT_LEAST_1, "pre_nms_top_n_test": AT_LEAST_1,
+        "post_nms_top_n_train": AT_LEAST_1, "post_nms_top_n_test": AT_LEAST_1,
+        "nms_thresh": UNIT, "fg_iou_thresh": UNIT, "bg_iou_thresh": UNIT,
+        "batch_size_per_image": AT_LEAST_1, "positive_fraction": UNIT}
+
     pre_nms_top_n_train: int = 2000
     pre_nms_top_n_test: int = 1000
     post_nms_top_n_train: int = 2000
@@ -101,6 +156,8 @@ class BoxLossConfig:
     ``frame``: image (decode against the proposals) | proposal (decode against a unit box, as the
     DIoU code does). The DIoU code uses weight 12.0 for the IoU family."""
 
+    limits: ClassVar[Limits] = {"weight": NON_NEGATIVE, "smooth_l1_beta": NON_NEGATIVE}
+
     type: str = "smooth_l1"
     weight: float = 1.0
     frame: str = "image"
@@ -109,6 +166,11 @@ class BoxLossConfig:
 
 @dataclass
 class RoIHeadsConfig:
+    limits: ClassVar[Limits] = {
+        "batch_size_per_image": AT_LEAST_1, "positive_fraction": UNIT, "fg_iou_thresh": UNIT,
+        "bg_iou_thresh": UNIT, "representation_size": AT_LEAST_1,
+        "bbox_reg_weights": Range(0, lo_open=True, length=4)}
+
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
@@ -124,6 +186,9 @@ class RoIGeneratorConfig:
     per_iou (``per_iou`` jitters per IoU bin per GT, at most ``max_per_img``) | per_img
     (``per_img`` RoIs per image spread evenly over bins and GTs)."""
 
+    limits: ClassVar[Limits] = {"per_iou": AT_LEAST_1, "per_img": AT_LEAST_1, "max_per_img": AT_LEAST_1,
+                                "table_cap": AT_LEAST_1, "seed": NON_NEGATIVE}
+
     strategy: str = "per_img"
     per_iou: int = 30
     per_img: int = 1000
@@ -136,6 +201,8 @@ class RoIGeneratorConfig:
 class IoUHeadConfig:
     """IoUNet's class-aware IoU head on PrRoIPool features. ``loss``: smooth_l1 | bce."""
 
+    limits: ClassVar[Limits] = {"loss_weight": NON_NEGATIVE, "representation_size": AT_LEAST_1}
+
     enabled: bool = False
     loss: str = "smooth_l1"
     loss_weight: float = 5.0
@@ -145,6 +212,9 @@ class IoUHeadConfig:
 
 @dataclass
 class ModelConfig:
+    limits: ClassVar[Limits] = {"pool_size": AT_LEAST_1, "min_size": AT_LEAST_1, "max_size": AT_LEAST_1,
+                                "num_classes": NON_NEGATIVE}
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
@@ -159,6 +229,14 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    limits: ClassVar[Limits] = {
+        "batch_size": AT_LEAST_1, "lr": POSITIVE, "momentum": Range(0, 1, hi_open=True),
+        "weight_decay": NON_NEGATIVE, "epochs": POSITIVE, "max_iters": NON_NEGATIVE,
+        "lr_steps": UNIT, "gamma": POSITIVE, "warmup_iters": NON_NEGATIVE,
+        "warmup_factor": Range(0, 1, lo_open=True), "grad_clip": NON_NEGATIVE,
+        "checkpoint_period": AT_LEAST_1, "eval_period": NON_NEGATIVE, "keep_checkpoints": NON_NEGATIVE,
+        "log_period": AT_LEAST_1, "seed": NON_NEGATIVE}
+
     batch_size: int = 16
     lr: float = 0.02  # for batch_size (linear scaling rule: change both together)
     momentum: float = 0.9
@@ -186,6 +264,8 @@ class TrainConfig:
 class NMSConfig:
     """Detection-head NMS (never the RPN's). ``type``: greedy | diou."""
 
+    limits: ClassVar[Limits] = {"iou_threshold": UNIT, "beta": POSITIVE}
+
     type: str = "greedy"
     iou_threshold: float = 0.5
     beta: float = 1.0  # DIoU-NMS distance exponent; 0.9 recommended for Faster R-CNN
@@ -195,6 +275,8 @@ class NMSConfig:
 class IoUNMSConfig:
     """IoU-guided NMS: rank by predicted IoU (``iou``) or IoU × class score (``iou_x_score``)."""
 
+    limits: ClassVar[Limits] = {"iou_threshold": UNIT}
+
     rank: str = "iou"
     iou_threshold: float = 0.5
 
@@ -202,6 +284,9 @@ class IoUNMSConfig:
 @dataclass
 class RefineConfig:
     """Optimization-based refinement: gradient ascent on the predicted IoU w.r.t. the box."""
+
+    limits: ClassVar[Limits] = {"lam": NON_NEGATIVE, "steps": NON_NEGATIVE, "omega1": NON_NEGATIVE,
+                                "omega2": FINITE}
 
     lam: float = 0.5  # step λ, scaled by box width/height
     steps: int = 5  # T
@@ -216,6 +301,8 @@ class InferenceConfig:
     ``mode``: baseline (box head + ``nms``; IoU head unused) | iou_nms (IoU-guided NMS) |
     iou_regular_nms (IoU predicted, then ``nms``: the speed control row) | refine (IoU-guided NMS,
     then refinement; final score = class score × IoU)."""
+
+    limits: ClassVar[Limits] = {"score_thresh": UNIT, "detections_per_img": AT_LEAST_1, "batch_size": AT_LEAST_1}
 
     score_thresh: float = 0.05
     detections_per_img: int = 100
@@ -233,6 +320,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
+    def __post_init__(self) -> None:
+        # Where each key's value came from (a preset, a file, --set, a space file, a checkpoint),
+        # newest assignment last, so that :func:`validate` can name it. Not a field: it is not
+        # part of the config's value (to_dict, flatten, ==).
+        self.sources: dict[str, str] = {}
+
 
 # Allowed values of the string choices, checked at the edge (the factory maps them to callables).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -247,6 +340,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.mode": ("baseline", "iou_nms", "iou_regular_nms", "refine"),
     "inference.iou_nms.rank": ("iou", "iou_x_score"),
     "train.amp_dtype": ("bfloat16", "float16"),
+}
+
+# String keys with an open set of values: (regular expression, what to write).
+PATTERNS: dict[str, tuple[str, str]] = {
+    "train.device": (r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
 }
 
 DEFAULT_PRESET = "cpu_tiny"
@@ -347,9 +445,45 @@ def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
             set_value(cfg, f"{key}.{sub}", sub_value, source)
         return
     value = _check_type(value, tp, key, source)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
+    problem = _value_problem(key, value, type(obj).limits.get(name))
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     setattr(obj, name, value)
+    sources = _sources(cfg)
+    sources.pop(key, None)
+    sources[key] = source
+
+
+def _sources(cfg: Config) -> dict[str, str]:
+    if not hasattr(cfg, "sources"):  # a Config built without __post_init__ (e.g. copy.copy)
+        cfg.sources = {}
+    return cfg.sources
+
+
+def source_of(cfg: Config, key: str) -> str:
+    """Where the value of ``key`` came from: the last source that set it, else "default"."""
+    return _sources(cfg).get(key, "default")
+
+
+def _value_problem(key: str, value: Any, limit: Range | None) -> str | None:
+    """What is wrong with one key's value on its own (range, finiteness, choices), or None."""
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"{key}={value!r} is not one of {', '.join(CHOICES[key])}"
+    if key in PATTERNS and not re.fullmatch(PATTERNS[key][0], str(value)):
+        return f"{key}={value!r} must be {PATTERNS[key][1]}"
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and limit is not None and limit.length is not None \
+            and len(value) != limit.length:
+        return f"{key}={value!r} must have {limit.length} items"
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        name = f"{key}[{i}]" if isinstance(value, list) else key
+        if not math.isfinite(item):
+            return f"{name}={item!r} must be a finite number"
+        if limit is not None and not limit.contains(item):
+            return f"{name}={item!r} must be {limit}"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -433,30 +567,127 @@ def load_config(spec: str | None = None, overrides: Mapping[str, Any] | list[str
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> Config:
-    """Checks that involve several keys (single keys are checked on assignment)."""
+def _leaves(obj: Any, prefix: str = ""):
+    """(dotted key, owning dataclass, field name) of every leaf of the config."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", obj, f.name
+
+
+def _blame(cfg: Config, *keys: str) -> str:
+    """The source of whichever of ``keys`` was set last (the likely edit that broke a rule)."""
+    order = list(_sources(cfg))
+    return source_of(cfg, max(keys, key=lambda k: order.index(k) if k in order else -1))
+
+
+def _shown(cfg: Config, key: str) -> str:
+    """``key=value (from SOURCE)``: a key of a rule, with where its value came from."""
+    source = source_of(cfg, key)
+    return f"{key}={flatten(cfg)[key]!r} ({'the default' if source == 'default' else 'from ' + source})"
+
+
+def _at_least(low: str, high: str):
+    """A rule: the value of ``high`` must be >= the value of ``low``."""
+    def rule(cfg: Config) -> tuple[tuple[str, ...], str] | None:
+        flat = flatten(cfg)
+        if flat[high] < flat[low]:
+            return (high, low), f"{_shown(cfg, high)} must be >= {_shown(cfg, low)}"
+        return None
+    return rule
+
+
+def _mode_needs_iou_head(cfg: Config):
     if cfg.inference.mode != "baseline" and not cfg.model.iou_head.enabled:
-        raise ConfigError(f"{source}: inference.mode={cfg.inference.mode} needs an IoU head "
-                          "(model.iou_head.enabled=true)")
-    if cfg.inference.refine.steps < 0:
-        raise ConfigError(f"{source}: inference.refine.steps must be >= 0")
-    validate_backbone(cfg.model.backbone, source)
-    return cfg
+        return (("inference.mode", "model.iou_head.enabled"),
+                f"inference.mode={cfg.inference.mode!r} needs an IoU head, but "
+                f"{_shown(cfg, 'model.iou_head.enabled')}; set model.iou_head.enabled=true "
+                "(or evaluate a model trained with one)")
+    return None
+
+
+def _eval_on_checkpoints(cfg: Config):
+    # The trainer evaluates during training only when it saves a checkpoint.
+    t = cfg.train
+    if t.eval_period > 0 and t.eval_period % t.checkpoint_period:
+        return (("train.eval_period", "train.checkpoint_period"),
+                f"train.eval_period={t.eval_period} must be a multiple of "
+                f"{_shown(cfg, 'train.checkpoint_period')} (validation runs when a checkpoint is saved)")
+    return None
+
+
+DATA_FILES = ("data.train_ann", "data.train_images", "data.val_ann", "data.val_images")
+
+
+def _data_files_together(cfg: Config):
+    flat = flatten(cfg)
+    given = [k for k in DATA_FILES if flat[k]]
+    if given and len(given) < len(DATA_FILES):
+        missing = [k for k in DATA_FILES if not flat[k]]
+        return tuple(given), f"{', '.join(given)} given without {', '.join(missing)}: set all four (or data.root)"
+    return None
+
+
+def _backbone_problem(b: BackboneConfig) -> tuple[tuple[str, ...], str] | None:
+    """Backbone keys that only make sense together (see :class:`BackboneConfig`)."""
+    if not 0 <= b.trainable_layers <= 5:
+        return ("model.backbone.trainable_layers",), \
+            f"model.backbone.trainable_layers must be 0..5, got {b.trainable_layers}"
+    if b.name == "tiny" and b.pretrained:
+        return (("model.backbone.name", "model.backbone.pretrained"),
+                "the tiny backbone has no ImageNet weights; set model.backbone.pretrained=false")
+    if b.weights and not b.pretrained:
+        return (("model.backbone.weights", "model.backbone.pretrained"),
+                "model.backbone.weights is set but model.backbone.pretrained=false")
+    if not b.pretrained and (b.norm != "bn" or b.trainable_layers != 5):
+        return (("model.backbone.pretrained", "model.backbone.norm", "model.backbone.trainable_layers"),
+                "model.backbone.pretrained=false trains from scratch: also set "
+                "model.backbone.norm=bn and model.backbone.trainable_layers=5 "
+                "(frozen BatchNorm or layers would keep their random weights)")
+    return None
+
+
+def _backbone_rule(cfg: Config):
+    return _backbone_problem(cfg.model.backbone)
 
 
 def validate_backbone(b: BackboneConfig, source: str = "config") -> BackboneConfig:
-    """Backbone keys that only make sense together (see :class:`BackboneConfig`)."""
-    if not 0 <= b.trainable_layers <= 5:
-        raise ConfigError(f"{source}: model.backbone.trainable_layers must be 0..5, got {b.trainable_layers}")
-    if b.name == "tiny" and b.pretrained:
-        raise ConfigError(f"{source}: the tiny backbone has no ImageNet weights; set model.backbone.pretrained=false")
-    if b.weights and not b.pretrained:
-        raise ConfigError(f"{source}: model.backbone.weights is set but model.backbone.pretrained=false")
-    if not b.pretrained and (b.norm != "bn" or b.trainable_layers != 5):
-        raise ConfigError(f"{source}: model.backbone.pretrained=false trains from scratch: also set "
-                          "model.backbone.norm=bn and model.backbone.trainable_layers=5 "
-                          "(frozen BatchNorm or layers would keep their random weights)")
+    """:func:`validate`'s backbone rule for a backbone config on its own (e.g. in ``build_model``)."""
+    problem = _backbone_problem(b)
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem[1]}")
     return b
+
+
+# Rules between keys: each returns None or (the keys involved, the message).
+CROSS_RULES = (
+    _mode_needs_iou_head,
+    _at_least("model.rpn.bg_iou_thresh", "model.rpn.fg_iou_thresh"),
+    _at_least("model.roi_heads.bg_iou_thresh", "model.roi_heads.fg_iou_thresh"),
+    _at_least("model.min_size", "model.max_size"),
+    _eval_on_checkpoints,
+    _data_files_together,
+    _backbone_rule,
+)
+
+
+def validate(cfg: Config, source: str | None = None) -> Config:
+    """Check the whole config: every key's range, finiteness and choices, then the rules between
+    keys. Raises :class:`ConfigError` naming the key and where its value came from (``source``
+    names values assigned directly, without :func:`set_value`)."""
+    known = _sources(cfg)
+    for key, obj, name in _leaves(cfg):
+        problem = _value_problem(key, getattr(obj, name), type(obj).limits.get(name))
+        if problem:
+            raise ConfigError(f"{known.get(key, source or 'default')}: {problem}")
+    for rule in CROSS_RULES:
+        broken = rule(cfg)
+        if broken is not None:
+            keys, message = broken
+            raise ConfigError(f"{_blame(cfg, *keys)}: {message}")
+    return cfg
 
 
 def from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
@@ -487,6 +718,6 @@ def clone(cfg: Config) -> Config:
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "TrainConfig", "InferenceConfig", "NMSConfig",
     "BackboneConfig", "AnchorConfig", "RPNConfig", "RoIHeadsConfig", "BoxLossConfig", "SynthConfig",
-    "ConfigError", "CHOICES", "load_config", "validate", "validate_backbone", "apply_overrides", "set_value", "parse_override",
+    "ConfigError", "CHOICES", "PATTERNS", "Range", "load_config", "source_of", "validate", "validate_backbone", "apply_overrides", "set_value", "parse_override",
     "flatten", "to_dict", "from_dict", "dump_yaml", "diff", "clone", "valid_keys", "preset_names",
 ]

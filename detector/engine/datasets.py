@@ -1,12 +1,15 @@
 """Resolve the data config to datasets: explicit COCO paths, a ``root`` folder, or the synthetic
-default generated once into the cache."""
+default generated once into the cache. Opening a dataset validates it (``data.coco``): a bad file
+fails here, before any training, with a one-line error naming the file."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ioulab.detector.config import DataConfig
-from ioulab.detector.data.coco import CocoDetection
+from ioulab.detector.data.coco import CocoDetection, DataError, MissingDataError
 from ioulab.detector.data.synth import ensure_synthetic, split_paths
+
+SPLITS = ("train", "val")
 
 
 def resolve_paths(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
@@ -15,19 +18,24 @@ def resolve_paths(cfg: DataConfig) -> dict[str, tuple[Path, Path]]:
     explicit = [cfg.train_ann, cfg.train_images, cfg.val_ann, cfg.val_images]
     if any(explicit):
         if not all(explicit):
-            raise ValueError("data.train_ann, data.train_images, data.val_ann and data.val_images "
-                             "must be given together")
+            raise DataError("data.train_ann, data.train_images, data.val_ann and data.val_images "
+                            "must be given together")
         paths = {"train": (cfg.train_ann, cfg.train_images), "val": (cfg.val_ann, cfg.val_images)}
+        keys = {split: (f"data.{split}_ann", f"data.{split}_images") for split in SPLITS}
     else:
+        if cfg.root and not Path(cfg.root).expanduser().is_dir():
+            raise MissingDataError(f"data.root: {cfg.root} does not exist (expected a folder with "
+                                   "annotations/{train,val}.json and {train,val}/, see ioulab data synth)")
         root = Path(cfg.root) if cfg.root else ensure_synthetic(
             num_train=cfg.synth.num_train, num_val=cfg.synth.num_val, size=cfg.synth.size, seed=cfg.synth.seed)
-        paths = {split: split_paths(root, split) for split in ("train", "val")}
+        paths = {split: split_paths(root, split) for split in SPLITS}
+        keys = {split: ("data.root", "data.root") for split in SPLITS}
     resolved = {k: (Path(a).expanduser().resolve(), Path(i).expanduser().resolve()) for k, (a, i) in paths.items()}
     for split, (ann, img) in resolved.items():
         if not ann.is_file():
-            raise FileNotFoundError(f"{split} annotation file {ann} does not exist")
+            raise MissingDataError(f"{keys[split][0]}: {split} annotation file {ann} does not exist")
         if not img.is_dir():
-            raise FileNotFoundError(f"{split} image folder {img} does not exist")
+            raise MissingDataError(f"{keys[split][1]}: {split} image folder {img} does not exist")
     return resolved
 
 
@@ -40,7 +48,17 @@ def absolutize(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
+def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
+    """The validated dataset of one split (``train`` flips with ``cfg.flip_prob``)."""
+    ann, img = resolve_paths(cfg)[split]
+    if split == "train":
+        return CocoDetection(ann, img, train=True, flip_prob=cfg.flip_prob)
+    return CocoDetection(ann, img, train=False)
+
+
 def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
+    """Both splits, each validated as it is opened (so a broken validation file fails before
+    training, not after it)."""
     paths = resolve_paths(cfg)
     train = CocoDetection(*paths["train"], train=True, flip_prob=cfg.flip_prob)
     val = CocoDetection(*paths["val"], train=False)

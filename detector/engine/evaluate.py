@@ -111,6 +111,7 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
     state = ckpt_io.load(path)
     cfg = C.from_dict(state["config"], source=f"{path} (stored config)")
     C.apply_overrides(cfg, list(overrides) if not isinstance(overrides, dict) else overrides)
+    C.validate(cfg)  # the same checks as ioulab train (e.g. an IoU mode needs the IoU head)
     ckpt_io.check_compatible(state, cfg, path, prefix="model.")
     dev = resolve_device(cfg.train.device if device == "auto" else device)
     info = state["dataset"]
@@ -126,10 +127,10 @@ def evaluate_checkpoint(checkpoint_path, overrides=(), out_dir=None, progress: b
     """Evaluate a saved checkpoint on its config's validation split (with ``overrides``), under
     the AMP policy its training used (``train.amp``, ``train.amp_dtype``). Returns (metrics, cfg)."""
     from ioulab.detector.engine.amp import amp_policy
-    from ioulab.detector.engine.datasets import build_datasets
+    from ioulab.detector.engine.datasets import build_dataset
 
     model, cfg, info, dev = load_trained(checkpoint_path, overrides)
-    _, val_set = build_datasets(cfg.data)
+    val_set = build_dataset(cfg.data, "val")
     metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, dev,
                              num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress,
                              amp=amp_policy(cfg.train, dev))

@@ -19,15 +19,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ioulab.detector import config as C
-    from ioulab.detector.engine.evaluate import evaluate_checkpoint
+    from ioulab.detector.engine.datasets import build_dataset
+    from ioulab.detector.engine.evaluate import evaluate_model, load_trained
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    # Checkpoint, config (the same checks as train) and data first: a failure creates no MLflow run.
+    model, cfg, info, device = load_trained(args.checkpoint, args.overrides)
+    val_set = build_dataset(cfg.data, "val")
     tracker = open_run(args, out.name, out, {"ioulab.command": "eval", "ioulab.checkpoint":
                                              str(Path(args.checkpoint).resolve())})
     status = "FAILED"
     try:
-        metrics, cfg = evaluate_checkpoint(args.checkpoint, args.overrides, out_dir=out,
-                                           progress=not args.no_progress)
+        metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, device,
+                                 num_workers=cfg.data.num_workers, out_dir=out, progress=not args.no_progress)
         (out / "config.yaml").write_text(C.dump_yaml(cfg))
         if tracker is not None:
             tracker.log_params(C.flatten(cfg))

@@ -39,6 +39,33 @@ def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
                      spool=out / "mlflow_pending.jsonl")
 
 
+class RunOnFirstRecord:
+    """A command's MLflow run, created when the first record arrives: a command that fails before
+    recording anything (a bad config, bad data, an incompatible checkpoint) leaves no MLflow run."""
+
+    def __init__(self, open_fn):
+        self._open = open_fn
+        self.run = None
+
+    def _get(self):
+        if self.run is None:
+            self.run = self._open()
+        return self.run
+
+    def log_params(self, params: dict) -> None:
+        self._get().log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._get().log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path) -> None:
+        self._get().log_artifact(path)
+
+    def close(self, status: str) -> None:
+        if self.run is not None:
+            self.run.close(status)
+
+
 def print_metrics(metrics: dict[str, float]) -> None:
     print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
 
@@ -48,12 +75,14 @@ def run(args) -> int:
     from ioulab.detector.engine.train import train
     from ioulab.detector.model.build import pretrained_weights
 
-    cfg = C.load_config(args.config, args.overrides)
+    cfg = C.load_config(args.config, args.overrides)  # every key range-checked (ConfigError)
     pretrained_weights(cfg.model)  # ImageNet weights missing: one line now, before data or MLflow
     absolutize(cfg.data)
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    tracker = open_run(args, out.name, out, {"ioulab.run_dir": str(out), "ioulab.command": "train",
-                                             "ioulab.config": str(args.config or C.DEFAULT_PRESET)})
+    tags = {"ioulab.run_dir": str(out), "ioulab.command": "train",
+            "ioulab.config": str(args.config or C.DEFAULT_PRESET)}
+    # The trainer validates both data splits (and a resumed checkpoint) before its first record.
+    tracker = None if args.no_mlflow else RunOnFirstRecord(lambda: open_run(args, out.name, out, tags))
     t0 = time.perf_counter()
     status = "FAILED"
     try:
@@ -68,7 +97,7 @@ def run(args) -> int:
     print(f"\ntrained {result.iterations} iterations in {wall:.0f} s ({result.seconds_per_iter:.2f} s/iter)")
     print_metrics(result.metrics)
     print(f"outputs:    {out}  (metrics.json, detections.json, checkpoints/)")
-    if tracker is not None:
-        print(f"MLflow run: {tracker.run_id} in {tracker.tracking_uri}")
-        print(f"  UI: mlflow ui --backend-store-uri {tracker.tracking_uri}   then open http://127.0.0.1:5000")
+    if tracker is not None and tracker.run is not None:
+        print(f"MLflow run: {tracker.run.run_id} in {tracker.run.tracking_uri}")
+        print(f"  UI: mlflow ui --backend-store-uri {tracker.run.tracking_uri}   then open http://127.0.0.1:5000")
     return 0

@@ -5,14 +5,17 @@ newest checkpoint) or ``mlflow:<run id>``: the run's checkpoint artifact (``*.pt
 ``ioulab.checkpoint`` tag (set on the training trials of a sweep), else the newest checkpoint of
 its recorded run folder (``ioulab.run_dir``, set by ``ioulab train``). The result is a reference
 the trials read (:func:`ioulab.platform.sweep.trainable.fetch_checkpoint`): a local path, a URI,
-or ``runs:/<run id>/<artifact>``. Imports neither torch nor Ray.
+or ``runs:/<run id>/<artifact>``. :func:`check_checkpoint` then reads a local checkpoint's stored
+config and checks every evaluation's config against it. Imports neither torch nor Ray (torch only
+inside :func:`check_checkpoint`).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from ioulab.platform.sweep.space import MLFLOW_PREFIX, SpaceError
+from ioulab.detector import config as C
+from ioulab.platform.sweep.space import MLFLOW_PREFIX, Plan, SpaceError, check_trial_config
 
 _NAME = re.compile(r"^model_\d{7}\.pth$")
 
@@ -77,3 +80,25 @@ def resolve_checkpoint(source: str, where: str, tracking_uri: str) -> str:
     if "://" in source and not source.startswith("file://"):
         return source  # a storage URI: read by the trial (pyarrow), not checked here
     return _from_path(source.removeprefix("file://"), where)
+
+
+def check_checkpoint(plan: Plan, ref: str) -> None:
+    """Before Ray starts: a local checkpoint must be an ioulab checkpoint, and each evaluation's
+    config (its stored config + the space's fixed keys + the point) must be valid, as ``ioulab
+    eval`` would check it. A URI or an MLflow artifact is left to the trials."""
+    if "://" in ref:
+        return
+    from ioulab.detector.engine import checkpoint as ckpt_io  # torch
+
+    try:
+        state = ckpt_io.load(ref)
+    except ckpt_io.CheckpointError as exc:
+        raise SpaceError(f"{plan.space_file}: checkpoint: {exc}") from None
+    for point in plan.eval_points:
+        cfg = C.from_dict(state["config"], source=f"{ref} (stored config)")
+        try:
+            C.apply_overrides(cfg, dict(plan.eval_overrides), source=f"{plan.space_file} (set)")
+            C.apply_overrides(cfg, dict(point.overrides), source=f"{plan.space_file} (grid point {point.label})")
+        except C.ConfigError as exc:
+            raise SpaceError(str(exc)) from None
+        check_trial_config(cfg, plan.space_file, point.label)

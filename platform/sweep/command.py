@@ -62,11 +62,12 @@ def run(args) -> int:
                           checkpoint=args.checkpoint)
         checkpoint_ref = None
         if plan.checkpoint is not None:
-            from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+            from ioulab.platform.sweep.checkpoints import check_checkpoint, resolve_checkpoint
             from ioulab.platform.tracking import absolute_uri, default_tracking_uri
 
             uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
             checkpoint_ref = resolve_checkpoint(plan.checkpoint, plan.space_file, uri)
+            check_checkpoint(plan, checkpoint_ref)
     except SpaceError as exc:
         print(f"ioulab sweep: {exc}", file=sys.stderr)
         return 2

@@ -228,6 +228,18 @@ def _apply(cfg: C.Config, overrides: Mapping[str, Any], source: str) -> None:
         raise SpaceError(str(exc)) from None
 
 
+def check_trial_config(cfg: C.Config, where: str, label: str) -> None:
+    """The whole config of one trial, checked as ``ioulab train``/``eval`` check it (ranges and
+    the rules between keys), so that nothing invalid only in combination reaches Ray."""
+    try:
+        C.validate(cfg)
+    except C.ConfigError as exc:
+        message = str(exc)
+        if where not in message:
+            message += f" (in {where}, grid point {label})"
+        raise SpaceError(message) from None
+
+
 def is_inference_key(key: str) -> bool:
     return key.startswith(INFERENCE_PREFIX)
 
@@ -413,8 +425,15 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
 
     flats = []
     for overrides in points:
-        full = C.clone(train_cfg)
-        _apply(full, overrides, f"{where} (grid point {_label(overrides)})")
+        label = _label(overrides)
+        full = C.clone(train_cfg)  # the config an evaluation (or the training trial) runs with
+        _apply(full, overrides, f"{where} (grid point {label})")
+        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoints.check_checkpoint)
+            check_trial_config(full, where, label)
+            training = C.clone(train_cfg)  # the training trial's config (no inference-only keys)
+            _apply(training, {k: v for k, v in overrides.items() if not is_inference_key(k)},
+                   f"{where} (grid point {label})")
+            check_trial_config(training, where, label)
         flats.append(C.flatten(full))
     varying = [k for k in flats[0] if len({json.dumps(f[k], default=str) for f in flats}) > 1]
     if not varying:

@@ -197,6 +197,7 @@ def train_trial(config: dict) -> None:
     ctx, point, node, trial_id = trial
     cfg = C.from_dict(ctx["config"], source="sweep config")
     C.apply_overrides(cfg, dict(point["overrides"]), source="sweep grid point")
+    C.validate(cfg)  # as ioulab train (the driver checked it too, before Ray started)
     out_dir = Path.cwd() / "run"
     tracker = open_trial_run(ctx, point, trial_id, {"ioulab.node_id": node, "ioulab.run_dir": str(out_dir)})
     logger = _TeeLogger(tracker)

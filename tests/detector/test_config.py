@@ -74,3 +74,179 @@ def test_file_with_base_and_roundtrip(tmp_path):
     assert again == cfg and not C.diff(again, cfg)
     flat = C.flatten(cfg)
     assert flat["model.roi_heads.box_loss.type"] == "ciou" and set(flat) == set(C.valid_keys())
+
+
+# -- ranges: every value checked on its own --------------------------------------------------------
+OUT_OF_RANGE = [
+    ("train.lr=0", "train.lr=0.0 must be > 0"),
+    ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+    ("train.lr=inf", "train.lr=inf must be a finite number"),
+    ("train.lr=.nan", "train.lr=nan must be a finite number"),
+    ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+    ("train.max_iters=-5", "train.max_iters=-5 must be >= 0"),
+    ("train.checkpoint_period=0", "train.checkpoint_period=0 must be >= 1"),
+    ("train.eval_period=-1", "train.eval_period=-1 must be >= 0"),
+    ("train.log_period=0", "train.log_period=0 must be >= 1"),
+    ("train.epochs=0", "train.epochs=0.0 must be > 0"),
+    ("train.momentum=1", "train.momentum=1.0 must be in [0, 1)"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+    ("train.warmup_factor=0", "train.warmup_factor=0.0 must be in (0, 1]"),
+    ("train.warmup_iters=-1", "train.warmup_iters=-1 must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0 must be >= 0"),
+    ("train.gamma=0", "train.gamma=0.0 must be > 0"),
+    ("train.lr_steps=[0.5,1.5]", "train.lr_steps[1]=1.5 must be in [0, 1]"),
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("train.device=gpu", "train.device='gpu' must be auto, cpu, cuda or cuda:N"),
+    ("inference.score_thresh=.nan", "inference.score_thresh=nan must be a finite number"),
+    ("inference.score_thresh=-1", "inference.score_thresh=-1.0 must be in [0, 1]"),
+    ("inference.score_thresh=2", "inference.score_thresh=2.0 must be in [0, 1]"),
+    ("inference.detections_per_img=0", "inference.detections_per_img=0 must be >= 1"),
+    ("inference.batch_size=0", "inference.batch_size=0 must be >= 1"),
+    ("inference.nms.iou_threshold=1.5", "inference.nms.iou_threshold=1.5 must be in [0, 1]"),
+    ("inference.nms.iou_threshold=-0.2", "inference.nms.iou_threshold=-0.2 must be in [0, 1]"),
+    ("inference.iou_nms.iou_threshold=1.5", "inference.iou_nms.iou_threshold=1.5 must be in [0, 1]"),
+    ("inference.refine.steps=-1", "inference.refine.steps=-1 must be >= 0"),
+    ("inference.refine.lam=-0.5", "inference.refine.lam=-0.5 must be >= 0"),
+    ("model.rpn.nms_thresh=1.5", "model.rpn.nms_thresh=1.5 must be in [0, 1]"),
+    ("model.rpn.fg_iou_thresh=1.5", "model.rpn.fg_iou_thresh=1.5 must be in [0, 1]"),
+    ("model.rpn.bg_iou_thresh=-0.2", "model.rpn.bg_iou_thresh=-0.2 must be in [0, 1]"),
+    ("model.roi_heads.fg_iou_thresh=1.5", "model.roi_heads.fg_iou_thresh=1.5 must be in [0, 1]"),
+    ("model.roi_heads.positive_fraction=2", "model.roi_heads.positive_fraction=2.0 must be in [0, 1]"),
+    ("model.rpn.batch_size_per_image=0", "model.rpn.batch_size_per_image=0 must be >= 1"),
+    ("model.min_size=0", "model.min_size=0 must be >= 1"),
+    ("model.anchors.sizes=[16,32,64,128]", "model.anchors.sizes=[16, 32, 64, 128] must have 5 items"),
+    ("model.anchors.aspect_ratios=[0.5,0]", "model.anchors.aspect_ratios[1]=0.0 must be > 0"),
+    ("model.roi_heads.bbox_reg_weights=[10,10,-5,5]", "model.roi_heads.bbox_reg_weights[2]=-5.0 must be > 0"),
+    ("model.roi_heads.box_loss.weight=-1", "model.roi_heads.box_loss.weight=-1.0 must be >= 0"),
+    ("model.iou_head.loss_weight=inf", "model.iou_head.loss_weight=inf must be a finite number"),
+    ("model.backbone.trainable_layers=6", "model.backbone.trainable_layers=6 must be in [0, 5]"),
+    ("data.flip_prob=1.5", "data.flip_prob=1.5 must be in [0, 1]"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override, message", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_are_one_line_naming_key_and_source(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config("cpu_tiny", [override])
+    assert str(err.value) == f"--set: {message}"
+
+
+def test_every_numeric_key_declares_a_range():
+    """A new int/float field must say which values it takes (``limits`` next to the fields)."""
+    import dataclasses
+    import typing
+
+    def numeric(tp):  # int, float, list[int], X | None, ... (bool is not numeric here)
+        if tp in (int, float):
+            return True
+        return any(numeric(arg) for arg in typing.get_args(tp))
+
+    def walk(obj, prefix=""):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            elif numeric(hints[f.name]):
+                yield f"{prefix}{f.name}", type(obj)
+
+    missing = [key for key, owner in walk(C.Config()) if key.rsplit(".", 1)[1] not in owner.limits]
+    assert not missing, f"numeric keys without a range in their dataclass's limits: {missing}"
+
+
+def test_every_float_key_rejects_nan_and_inf():
+    floats = [k for k, v in C.flatten(C.Config()).items() if isinstance(v, float)]
+    assert len(floats) > 20
+    for key in floats:
+        for bad in (".nan", ".inf", "-.inf"):
+            with pytest.raises(C.ConfigError, match=f"--set: {key}=.* must be a finite number"):
+                C.load_config("cpu_tiny", [f"{key}={bad}"])
+
+
+def test_defaults_and_every_preset_are_valid():
+    C.validate(C.Config())
+    for name in C.preset_names():
+        C.validate(C.load_config(name))
+
+
+# -- rules between keys ------------------------------------------------------------------------------
+CROSS = [
+    (["inference.mode=refine"], "--set: inference.mode='refine' needs an IoU head, but "
+     "model.iou_head.enabled=False (the default); set model.iou_head.enabled=true (or evaluate a model "
+     "trained with one)"),
+    (["inference.mode=iou_nms"], "--set: inference.mode='iou_nms' needs an IoU head"),
+    (["inference.mode=iou_regular_nms"], "--set: inference.mode='iou_regular_nms' needs an IoU head"),
+    (["model.rpn.fg_iou_thresh=0.2"], "--set: model.rpn.fg_iou_thresh=0.2 (from --set) must be >= "
+     "model.rpn.bg_iou_thresh=0.3 (the default)"),
+    (["model.roi_heads.bg_iou_thresh=0.6"], "--set: model.roi_heads.fg_iou_thresh=0.5 (the default) must be "
+     ">= model.roi_heads.bg_iou_thresh=0.6 (from --set)"),
+    (["model.max_size=64"], "--set: model.max_size=64 (from --set) must be >= model.min_size=128 "
+     "(from preset cpu_tiny)"),
+    (["train.eval_period=300"], "--set: train.eval_period=300 must be a multiple of "
+     "train.checkpoint_period=500 (from preset cpu_tiny) (validation runs when a checkpoint is saved)"),
+    (["data.val_ann=/x/val.json"], "--set: data.val_ann given without data.train_ann, data.train_images, "
+     "data.val_images: set all four (or data.root)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CROSS, ids=[" ".join(o) for o, _ in CROSS])
+def test_cross_key_rules(overrides, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config("cpu_tiny", overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cross_key_rules_pass_when_consistent():
+    cfg = C.load_config("cpu_tiny_iounet", ["inference.mode=refine", "train.eval_period=1000",
+                                            "model.rpn.fg_iou_thresh=0.3"])
+    assert cfg.inference.mode == "refine" and cfg.train.eval_period == 1000
+
+
+def test_errors_name_the_file_a_value_came_from(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("base: cpu_tiny\ntrain:\n  lr: 0\n")
+    with pytest.raises(C.ConfigError, match=rf"^{f}: train.lr=0.0 must be > 0$"):
+        C.load_config(str(f))
+    g = tmp_path / "mode.yaml"
+    g.write_text("base: cpu_tiny\ninference:\n  mode: refine\n")
+    with pytest.raises(C.ConfigError, match=rf"^{g}: inference.mode='refine' needs an IoU head"):
+        C.load_config(str(g))
+    # the key set last is blamed, and the other key's source is named
+    h = tmp_path / "ious.yaml"
+    h.write_text("base: cpu_tiny\nmodel:\n  rpn: {bg_iou_thresh: 0.6}\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(str(h), ["model.rpn.fg_iou_thresh=0.5"])
+    assert str(err.value) == (f"--set: model.rpn.fg_iou_thresh=0.5 (from --set) must be >= "
+                              f"model.rpn.bg_iou_thresh=0.6 (from {h})")
+
+
+def test_a_stored_config_names_the_checkpoint():
+    stored = C.to_dict(C.load_config("cpu_tiny"))
+    stored["train"]["lr"] = -1.0
+    with pytest.raises(C.ConfigError, match=r"^ckpt.pth \(stored config\): train.lr=-1.0 must be > 0$"):
+        C.from_dict(stored, source="ckpt.pth (stored config)")
+    stored = C.to_dict(C.load_config("cpu_tiny"))
+    cfg = C.from_dict(stored, source="ckpt.pth (stored config)")
+    C.apply_overrides(cfg, ["inference.mode=refine"])
+    with pytest.raises(C.ConfigError, match=r"model.iou_head.enabled=False \(from ckpt.pth \(stored config\)\)"):
+        C.validate(cfg)
+
+
+def test_validate_checks_values_assigned_directly():
+    cfg = C.load_config("cpu_tiny")
+    cfg.train.checkpoint_period = 0
+    with pytest.raises(C.ConfigError, match="^preset cpu_tiny: train.checkpoint_period=0 must be >= 1$"):
+        C.validate(cfg)
+    cfg = C.load_config("cpu_tiny")
+    cfg.inference.score_thresh = float("nan")
+    with pytest.raises(C.ConfigError, match="^my code: inference.score_thresh=nan must be a finite number$"):
+        C.validate(cfg, "my code")
+
+
+def test_sources_survive_clone_and_are_not_part_of_the_value():
+    cfg = C.load_config("cpu_tiny", ["train.lr=0.01"])
+    copy = C.clone(cfg)
+    assert C.source_of(copy, "train.lr") == "--set" and C.source_of(copy, "model.roi_pool") == "preset cpu_tiny"
+    assert C.source_of(copy, "train.momentum") == "default"
+    assert C.from_dict(C.to_dict(cfg)) == cfg and "sources" not in C.to_dict(cfg)

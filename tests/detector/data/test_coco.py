@@ -143,10 +143,13 @@ def test_unknown_image_id_and_malformed_bbox_raise(tmp_path):
 
 def test_image_size_mismatch_with_json_raises(coco_files):
     ann_file, img_dir = coco_files
-    Image.new("RGB", (41, 30)).save(img_dir / "a.png")
     ds = _dataset(coco_files, train=False)
+    Image.new("RGB", (41, 30)).save(img_dir / "a.png")  # changed after the up-front check
     with pytest.raises(ValueError, match="a.png: image is 41x30 .* says 40x30"):
         ds[1]
+    # Found at construction too (the header is read up front).
+    with pytest.raises(ValueError, match=r"1 of 3 images of ann.json are unusable: a.png is 41x30, not 40x30"):
+        _dataset(coco_files, train=False)
 
 
 def test_batches_with_two_workers_are_lists(coco_files):

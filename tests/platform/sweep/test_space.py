@@ -291,3 +291,90 @@ def test_git_commit_falls_back_to_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("IOULAB_GIT_COMMIT", "f" * 40)
     assert git_commit(tmp_path) == "f" * 40  # not a git checkout
     assert git_commit(REPO) != "f" * 40 and len(git_commit(REPO)) == 40
+
+
+# -- every trial's full config is checked before Ray starts -----------------------------------------
+@pytest.mark.parametrize("body, needle", [
+    ("grid: {inference.mode: [baseline, refine]}",
+     "space.yaml (grid point inference.mode=refine): inference.mode='refine' needs an IoU head, but "
+     "model.iou_head.enabled=False (the default)"),
+    ("set: {inference.mode: refine}\ngrid: {train.seed: [0, 1]}",
+     "space.yaml (set): inference.mode='refine' needs an IoU head"),
+    ("set: {inference.mode: refine}\ngrid: {model.iou_head.enabled: [true, false]}",
+     "space.yaml (grid point iou_head.enabled=False): inference.mode='refine' needs an IoU head"),
+    ("grid: {inference.refine.steps: [3, -1]}", "space.yaml (grid): inference.refine.steps=-1 must be >= 0"),
+    ("grid: {train.batch_size: [0, 2]}", "space.yaml (grid): train.batch_size=0 must be >= 1"),
+    ("set: {train.lr: .nan}\ngrid: {train.seed: [0, 1]}", "space.yaml (set): train.lr=nan must be a finite number"),
+    ("grid: {model.rpn.bg_iou_thresh: [0.3, 0.8]}",
+     "space.yaml (grid point rpn.bg_iou_thresh=0.8): model.rpn.fg_iou_thresh=0.7 (the default) must be >= "
+     "model.rpn.bg_iou_thresh=0.8 (from"),
+    ("grid: {train.eval_period: [0, 3]}",
+     "space.yaml (grid point train.eval_period=3): train.eval_period=3 must be a multiple of "
+     "train.checkpoint_period=500 (from preset cpu_tiny)"),
+])
+def test_values_invalid_together_or_at_run_time_fail_the_pre_check(tmp_path, body, needle):
+    path = write(tmp_path, "base: cpu_tiny\n" + body + "\n")
+    msg = error_of(path)
+    assert msg.startswith(str(path.parent) + "/") and needle in msg and "\n" not in msg
+
+
+def test_a_rule_broken_by_the_base_names_the_space_file_and_point(tmp_path):
+    base = write(tmp_path, "base: cpu_tiny\ninference: {mode: refine}\nmodel: {iou_head: {enabled: true}}\n",
+                 "base.yaml")
+    path = write(tmp_path, "base: base.yaml\ngrid: {model.iou_head.enabled: [true, false]}\n")
+    msg = error_of(path)
+    assert "inference.mode='refine' needs an IoU head" in msg and "space.yaml" in msg
+    assert "iou_head.enabled=False" in msg
+    assert base.exists()
+
+
+def _plain_checkpoint(path):
+    """An ioulab checkpoint of a tiny untrained model without an IoU head."""
+    from ioulab.detector import config as C
+    from ioulab.detector.engine import checkpoint as ckpt_io
+
+    cfg = C.load_config("cpu_tiny")
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "iteration": 4, "config": C.to_dict(cfg),
+                         "dataset": {"num_classes": 1, "label_to_cat_id": [-1, 1], "class_names": ["a"]},
+                         "model": {}}, path)
+    return path
+
+
+def test_checkpoint_sweep_checks_the_stored_config_and_the_file(tmp_path):
+    from ioulab.platform.sweep.checkpoints import check_checkpoint, resolve_checkpoint
+
+    ckpt = _plain_checkpoint(tmp_path / "model_0000004.pth")
+    ok = load_space(write(tmp_path, f"checkpoint: {ckpt}\ngrid: {{inference.nms.type: [greedy, diou]}}\n", "ok.yaml"))
+    check_checkpoint(ok, resolve_checkpoint(ok.checkpoint, ok.space_file, "sqlite:///x.db"))
+    path = write(tmp_path, f"checkpoint: {ckpt}\ngrid: {{inference.mode: [baseline, refine]}}\n")
+    plan = load_space(path)  # the space file alone cannot know the checkpoint has no IoU head
+    with pytest.raises(SpaceError) as info:
+        check_checkpoint(plan, resolve_checkpoint(plan.checkpoint, plan.space_file, "sqlite:///x.db"))
+    assert str(info.value) == (f"{path} (grid point inference.mode=refine): inference.mode='refine' needs an IoU head, "
+                               f"but model.iou_head.enabled=False (from {ckpt} (stored config)); set "
+                               "model.iou_head.enabled=true (or evaluate a model trained with one)")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    plan = load_space(write(tmp_path, f"checkpoint: {text}\ngrid: {{inference.nms.type: [greedy, diou]}}\n", "t.yaml"))
+    with pytest.raises(SpaceError) as info:
+        check_checkpoint(plan, resolve_checkpoint(plan.checkpoint, plan.space_file, "sqlite:///x.db"))
+    assert str(info.value).startswith(f"{tmp_path / 't.yaml'}: checkpoint: ") and str(text) in str(info.value)
+
+
+@pytest.mark.parametrize("body", [
+    "grid: {{inference.mode: [baseline, refine]}}",
+    "set: {{train.lr: .nan}}\ngrid: {{train.seed: [0, 1]}}",
+    "checkpoint: {text}\ngrid: {{inference.nms.type: [greedy, diou]}}",
+])
+def test_dry_run_exits_2_without_ray_or_mlflow(tmp_path, body, monkeypatch, capsys):
+    from ioulab.platform.cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    path = write(tmp_path, "base: cpu_tiny\n" + body.format(text=text) + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
