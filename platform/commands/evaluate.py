@@ -19,8 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ioulab.detector import config as C
+    from ioulab.detector.engine import checkpoint as ckpt_io
     from ioulab.detector.engine.evaluate import evaluate_checkpoint
 
+    ckpt_io.check_file(args.checkpoint)  # a missing or broken file fails before any MLflow run
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     tracker = open_run(args, out.name, out, {"ioulab.command": "eval", "ioulab.checkpoint":
                                              str(Path(args.checkpoint).resolve())})

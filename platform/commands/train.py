@@ -45,11 +45,12 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 def run(args) -> int:
     from ioulab.detector.engine.datasets import absolutize
-    from ioulab.detector.engine.train import train
+    from ioulab.detector.engine.train import resume_point, train
 
     cfg = C.load_config(args.config, args.overrides)
     absolutize(cfg.data)
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    resume_point(cfg, out, args.resume)  # a run that cannot start fails before any MLflow run
     tracker = open_run(args, out.name, out, {"ioulab.run_dir": str(out), "ioulab.command": "train",
                                              "ioulab.config": str(args.config or C.DEFAULT_PRESET)})
     t0 = time.perf_counter()
@@ -57,6 +58,9 @@ def run(args) -> int:
     try:
         result = train(cfg, out, logger=tracker, resume=args.resume, progress=not args.no_progress)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # Ctrl-C: `--resume` continues from the last checkpoint
+        raise
     finally:
         if tracker is not None:
             tracker.close(status)
