@@ -91,7 +91,7 @@ def build_optimizer(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.optim.S
 
 def resume_point(cfg: C.Config, out_dir: str | Path, resume: bool, device: str | torch.device = "cpu",
                  verbose: bool = False) -> tuple[Path | None, dict | None]:
-    """The checkpoint a run in ``out_dir`` starts from: ``(path, state)``, ``(None, None)`` for a
+    """The checkpoint a run in ``out_dir`` starts from: ``(path, state)``, or ``(None, None)`` for a
     fresh start. Removes the ``.tmp`` files of a save that was killed; with ``resume``, skips
     unreadable newer checkpoints (saying which with ``verbose``) and refuses a config that changes
     ``train.*`` / ``model.*`` / ``data.*`` values. Raises ``CheckpointError`` (before anything is
@@ -99,7 +99,7 @@ def resume_point(cfg: C.Config, out_dir: str | Path, resume: bool, device: str |
     tracking run."""
     ckpt_dir = Path(out_dir).resolve() / "checkpoints"
     removed = ckpt_io.remove_stale_tmp(ckpt_dir)
-    if removed and verbose:
+    if removed:  # said once: whichever call finds them removes them
         print(f"[ioulab] removed {len(removed)} unfinished checkpoint file(s) of an interrupted save "
               f"in {ckpt_dir}", file=sys.stderr)
     latest = ckpt_io.latest_checkpoint(ckpt_dir)
