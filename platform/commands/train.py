@@ -24,15 +24,30 @@ def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
+    p.add_argument("--mlflow-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="bound of each MLflow request; training waits at most this long per delivery "
+                        "attempt when the server hangs (default: $MLFLOW_HTTP_REQUEST_TIMEOUT or 5)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected whole seconds >= 1, got {text!r}")
+    return value
 
 
 def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
     """The MLflow run of a CLI command, or None with --no-mlflow."""
     if args.no_mlflow:
         return None
-    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri
+    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri, set_request_timeout
 
+    if getattr(args, "mlflow_timeout", None):
+        set_request_timeout(args.mlflow_timeout)
     uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     return MlflowRun(uri, args.experiment, run_name=run_name, tags=tags,
                      find_tags={"ioulab.run_dir": str(out)} if getattr(args, "resume", False) else None,

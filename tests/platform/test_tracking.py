@@ -348,3 +348,19 @@ def test_sweep_finalize_refuses_hostile_spool_files(tmp_path, capsys):
     assert not good.exists() and steal.exists() and redirect.exists()  # refused files stay, for a human
     client, runs = _runs(live)
     assert len(runs) == 1 and [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["metrics.json"]
+
+
+def test_mlflow_timeout_option(tmp_path, monkeypatch):
+    from ioulab.platform.cli import build_parser
+    from ioulab.platform.commands.train import open_run
+
+    for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+    argv = ["train", "--mlflow-timeout", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.mlflow_timeout == 3
+    open_run(args, "r", tmp_path / "r", {}).close()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser(["train"]).parse_args(["train", "--mlflow-timeout", bad])
