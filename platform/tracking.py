@@ -379,6 +379,9 @@ def read_spool(path: str | os.PathLike, tracking_uri: str, root: str | os.PathLi
             if not isinstance(uri, str) or not same_uri(uri, tracking_uri):
                 raise SpoolError(f"{where}: records for tracking URI {uri!r}, not {tracking_uri}; "
                                  f"replay it with --tracking-uri set to that server if you trust it")
+            if not isinstance(h.get("experiment"), str) or not all(
+                    h.get(k) is None or isinstance(h[k], dict) for k in ("tags", "find_tags")):
+                raise SpoolError(f"{where}: malformed spool header")
             runs.append(MlflowRun(tracking_uri, h["experiment"], h.get("run_name"), h.get("tags"),
                                   run_id=h.get("run_id"), find_tags=h.get("find_tags"), connect=False))
         elif line.get("kind") in RECORD_KINDS and runs:

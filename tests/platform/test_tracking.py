@@ -364,3 +364,15 @@ def test_mlflow_timeout_option(tmp_path, monkeypatch):
     for bad in ("0", "-1", "soon"):
         with pytest.raises(SystemExit):
             build_parser(["train"]).parse_args(["train", "--mlflow-timeout", bad])
+
+
+@pytest.mark.parametrize("text", ['{"header": {"tracking_uri": "URI"}}', "not json", '{"kind": "metrics"}',
+                                  '{"header": {"tracking_uri": "URI", "experiment": "e", "tags": []}}'])
+def test_malformed_spool_is_a_one_line_error(text, tmp_path):
+    live = f"sqlite:///{tmp_path / 'live.db'}"
+    spool = tmp_path / "run" / "mlflow_pending.jsonl"
+    spool.parent.mkdir()
+    spool.write_text(text.replace("URI", live) + "\n")
+    with pytest.raises(SpoolError, match=r"mlflow_pending\.jsonl:1: ") as e:
+        replay_file(spool, live)
+    assert "\n" not in str(e.value)
