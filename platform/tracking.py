@@ -15,27 +15,38 @@ params are sent once, tags and artifacts are overwritten with equal content.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# Fail fast instead of MLflow's default ~4 minutes of retries per call; we retry ourselves.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+# Fail fast instead of MLflow's default ~4 minutes of retries per call: one attempt per request,
+# bounded by MLFLOW_HTTP_REQUEST_TIMEOUT seconds (``--mlflow-timeout``); the queue retries later.
+DEFAULT_TIMEOUT = 5
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DEFAULT_TIMEOUT))
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from ioulab.detector.errors import UserError  # noqa: E402
+
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: works across processes
 MAX_PARAM_LEN = 6000
 # Error codes for a record the server will never accept (as opposed to an outage).
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+RECORD_KINDS = {"params", "metrics", "tags", "artifact", "end"}
+
+
+class SpoolError(UserError, ValueError):
+    """A spool file that is refused (another tracking server, files outside its folder, bad JSON)."""
 
 
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
@@ -54,6 +65,39 @@ def absolute_uri(uri: str) -> str:
     if "://" not in uri:
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def set_request_timeout(seconds: int) -> None:
+    """Bound every MLflow HTTP request of this process (and of the processes it starts) to
+    ``seconds``, with no client-side retry: a tracking server that accepts connections but never
+    answers then blocks training for at most ``seconds`` per delivery attempt."""
+    if int(seconds) < 1:
+        raise ValueError(f"MLflow request timeout must be >= 1 s, got {seconds}")
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(seconds))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+
+
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter selecting runs that carry ``tags`` (any values: MLflow's filter
+    language has no escape character, so a value is quoted with the quote it does not contain;
+    one containing both kinds is matched with LIKE, ``_`` standing for each quote, and the caller
+    must check the exact values: :func:`has_tags`)."""
+    parts = []
+    for key, value in tags.items():
+        if "`" in key:
+            raise ValueError(f"tag key {key!r} contains a backquote")
+        value = str(value)
+        if "'" not in value:
+            parts.append(f"tags.`{key}` = '{value}'")
+        elif '"' not in value:
+            parts.append(f'tags.`{key}` = "{value}"')
+        else:
+            parts.append(f"tags.`{key}` LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'")
+    return " and ".join(parts)
+
+
+def has_tags(run, tags: dict[str, str]) -> bool:
+    return all(run.data.tags.get(k) == str(v) for k, v in tags.items())
 
 
 def _clean_params(params: dict[str, Any]) -> dict[str, str]:
@@ -97,6 +141,8 @@ class MlflowRun:
         self._logged_steps: dict[str, set[int]] | None = None
         self._warned = False
         self._next_try = 0.0
+        self._failures = 0  # consecutive failed attempts: the retry interval doubles up to max_retry_seconds
+        self.max_retry_seconds = max(retry_seconds, 120.0)
         if connect:
             self._flush(force=True)
 
@@ -130,17 +176,35 @@ class MlflowRun:
             return True
         if self.spool is not None:
             self.spool.parent.mkdir(parents=True, exist_ok=True)
+            records = self._spooled_records()
             with self.spool.open("a") as f:
                 header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
                           "run_id": self.run_id, "run_name": self.run_name, "tags": self.tags,
                           "find_tags": self.find_tags}
                 f.write(json.dumps({"header": header}) + "\n")
-                for kind, payload in self._queue:
+                for kind, payload in records:
                     f.write(json.dumps({"kind": kind, "payload": payload}) + "\n")
             print(f"[ioulab] MLflow at {self.tracking_uri} unreachable: {len(self._queue)} pending "
                   f"records saved to {self.spool}; replay with `python -m ioulab.platform.tracking "
-                  f"{self.spool}`", file=sys.stderr)
+                  f"{self.spool} --tracking-uri {self.tracking_uri}`", file=sys.stderr)
         return False
+
+    def _spooled_records(self) -> list[tuple[str, Any]]:
+        """The queue as written to the spool: a file to upload that lies outside the spool's own
+        folder (a Ray trial's working directory) is copied next to the spool first, because a
+        replay uploads nothing from outside that folder (:func:`read_spool`)."""
+        root, out = spool_root(self.spool), []
+        for n, (kind, payload) in enumerate(self._queue):
+            if kind == "artifact":
+                local, artifact_path = payload if isinstance(payload, list) else (payload, None)
+                src = Path(local)
+                if src.is_file() and not src.resolve().is_relative_to(root):
+                    copy = self.spool.parent / f"{self.spool.stem}.files" / str(n) / src.name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, copy)
+                    payload = str(copy) if artifact_path is None else [str(copy), artifact_path]
+            out.append((kind, payload))
+        return out
 
     @property
     def pending(self) -> int:
@@ -172,11 +236,8 @@ class MlflowRun:
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         if self.find_tags:
-            where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in self.find_tags.items())
-            found = self.client.search_runs([exp_id], filter_string=where,
-                                            order_by=["attributes.start_time DESC"], max_results=1)
-            if found:
-                run = found[0]
+            run = self._find(exp_id)
+            if run is not None:
                 self._logged_steps = self._steps_in(run)
                 self.run_id = run.info.run_id
                 self.reattached = True
@@ -186,6 +247,19 @@ class MlflowRun:
         run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self._logged_steps = {}
+
+    def _find(self, exp_id: str):
+        """The newest run of the experiment carrying ``find_tags`` exactly, or None."""
+        where, token = tag_filter(self.find_tags), None
+        while True:
+            page = self.client.search_runs([exp_id], filter_string=where, max_results=100,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            for run in page:
+                if has_tags(run, self.find_tags):
+                    return run
+            token = page.token
+            if not token:
+                return None
 
     def _steps_in(self, run) -> dict[str, set[int]]:
         """metric key -> the steps the run already holds."""
@@ -235,12 +309,15 @@ class MlflowRun:
                     print(f"[ioulab] warning: MLflow refused a {self._queue[0][0]} record of run "
                           f"{self.run_id}: {str(exc)[:300]}", file=sys.stderr)
                 self._queue.pop(0)
+            self._failures = 0
             if self._warned:
                 print(f"[ioulab] MLflow at {self.tracking_uri} reachable again: backlog delivered",
                       file=sys.stderr)
                 self._warned = False
-        except Exception as exc:  # network, server 5xx, DB locked: never kill training
-            self._next_try = time.monotonic() + self.retry_seconds
+        except Exception as exc:  # network, timeout, server 5xx, DB locked: never kill training
+            self._failures += 1
+            delay = self.retry_seconds * 2 ** min(self._failures - 1, 16)
+            self._next_try = time.monotonic() + min(delay, self.max_retry_seconds)
             if not self._warned:
                 print(f"[ioulab] warning: MLflow at {self.tracking_uri} failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training continues, "
@@ -248,27 +325,98 @@ class MlflowRun:
                 self._warned = True
 
 
-def replay_file(path: str | os.PathLike) -> int:
-    """Deliver the records of a spool file written by :meth:`MlflowRun.close`."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def spool_root(spool: str | os.PathLike) -> Path:
+    """The folder a spool file may upload files from: its run folder (the folder holding it), or
+    for ``<storage>/<sweep>/mlflow_spool/X.jsonl`` the sweep's folder. Resolved (no symlinks)."""
+    folder = Path(os.path.abspath(spool)).parent.resolve()
+    return folder.parent if folder.name == "mlflow_spool" else folder
+
+
+def same_uri(a: str, b: str) -> bool:
+    return absolute_uri(a).rstrip("/") == absolute_uri(b).rstrip("/")
+
+
+def _checked_artifact(payload: Any, root: Path, where: str) -> Any:
+    """The artifact record with its local path resolved; refused unless it is an absolute path to
+    a file inside ``root`` once symlinks are resolved."""
+    local, artifact_path = payload if isinstance(payload, list) and len(payload) == 2 else (payload, None)
+    if not isinstance(local, str) or not os.path.isabs(local):
+        raise SpoolError(f"{where}: artifact {local!r} is not an absolute path")
+    resolved = Path(local).resolve()
+    if not resolved.is_relative_to(root):
+        raise SpoolError(f"{where}: artifact {local} is outside {root} (resolved: {resolved}); "
+                         "a spool file uploads only files of its own run folder")
+    if resolved.exists() and not resolved.is_file():
+        raise SpoolError(f"{where}: artifact {local} is not a regular file")
+    return str(resolved) if artifact_path is None else [str(resolved), artifact_path]
+
+
+def read_spool(path: str | os.PathLike, tracking_uri: str, root: str | os.PathLike | None = None
+               ) -> list[MlflowRun]:
+    """The runs of a spool file, checked before anything is sent: every header must name
+    ``tracking_uri`` (the current command's: a spool file never chooses the server), and every
+    file to upload must lie inside ``root`` (default :func:`spool_root`). Raises SpoolError."""
+    path = Path(path)
+    root = Path(root).resolve() if root is not None else spool_root(path)
     runs: list[MlflowRun] = []
-    for line in lines:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpoolError(f"cannot read spool file {path}: {exc}") from exc
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            line = json.loads(text)
+        except ValueError as exc:
+            raise SpoolError(f"{where}: not JSON ({exc})") from exc
+        if not isinstance(line, dict):
+            raise SpoolError(f"{where}: not a spool record")
         if "header" in line:
             h = line["header"]
-            runs.append(MlflowRun(h["tracking_uri"], h["experiment"], h["run_name"], h["tags"],
-                                  run_id=h["run_id"], find_tags=h.get("find_tags"), connect=False))
-        elif runs:
-            runs[-1]._queue.append((line["kind"], line["payload"]))
+            uri = h.get("tracking_uri") if isinstance(h, dict) else None
+            if not isinstance(uri, str) or not same_uri(uri, tracking_uri):
+                raise SpoolError(f"{where}: records for tracking URI {uri!r}, not {tracking_uri}; "
+                                 f"replay it with --tracking-uri set to that server if you trust it")
+            if not isinstance(h.get("experiment"), str) or not all(
+                    h.get(k) is None or isinstance(h[k], dict) for k in ("tags", "find_tags")):
+                raise SpoolError(f"{where}: malformed spool header")
+            runs.append(MlflowRun(tracking_uri, h["experiment"], h.get("run_name"), h.get("tags"),
+                                  run_id=h.get("run_id"), find_tags=h.get("find_tags"), connect=False))
+        elif line.get("kind") in RECORD_KINDS and runs:
+            payload = line.get("payload")
+            if line["kind"] == "artifact":
+                payload = _checked_artifact(payload, root, where)
+            runs[-1]._queue.append((line["kind"], payload))
+        else:
+            raise SpoolError(f"{where}: not a spool record (kind {line.get('kind')!r})")
+    return runs
+
+
+def replay_file(path: str | os.PathLike, tracking_uri: str, root: str | os.PathLike | None = None) -> int:
+    """Deliver the records of a spool file written by :meth:`MlflowRun.close` to ``tracking_uri``
+    (see :func:`read_spool` for what is refused). Returns the number of records still pending."""
+    runs = read_spool(path, tracking_uri, root)
     for run in runs:
         run._flush(force=True)
     return sum(run.pending for run in runs)
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m ioulab.platform.tracking SPOOL.jsonl", file=sys.stderr)
+    p = argparse.ArgumentParser(prog="python -m ioulab.platform.tracking",
+                                description="Replay an MLflow spool file (records a run could not deliver).")
+    p.add_argument("spool", help="a mlflow_pending.jsonl or <sweep>/mlflow_spool/*.jsonl file")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI the records go to; must be the one the file was written "
+                        "for (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    args = p.parse_args(argv)
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    try:
+        left = replay_file(args.spool, uri)
+    except SpoolError as exc:
+        print(f"ioulab: error: {exc}", file=sys.stderr)
         return 2
-    left = replay_file(argv[0])
     print("replayed" if left == 0 else f"{left} records still pending (server unreachable?)")
     return 0 if left == 0 else 1
 

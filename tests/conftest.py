@@ -39,3 +39,18 @@ def tiny_cfg(synth_root):
         return C.load_config("cpu_tiny", [f"data.root={synth_root}", *TINY_OVERRIDES, *extra])
 
     return make
+
+
+# Bounds for the tests that train or start servers (the default, 300 s, is in pyproject.toml). Chosen
+# generously: a 2-core machine shared with other work runs these several times slower than alone.
+TIMEOUTS = {"cluster": 1800, "slow": 900}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        for marker, seconds in TIMEOUTS.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.timeout(seconds))
+                break

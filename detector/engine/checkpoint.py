@@ -12,6 +12,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from ioulab.detector.errors import UserError
 
 FORMAT = "ioulab-checkpoint-1"
 _NAME = re.compile(r"^model_(\d{7})\.pth$")
+_TMP = re.compile(r"^\.model_\d{7}\.pth\..*\.tmp$")  # what save_atomic leaves when killed mid-save
+# Keys that may change on --resume without changing the result (any other train.*, model.*, data.*
+# key may not: the checkpoint's optimizer and schedule were made with the stored values).
+RESUME_FREE_KEYS = frozenset({"train.device", "train.keep_checkpoints", "data.num_workers"})
+RESUME_PREFIXES = ("train.", "model.", "data.")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -92,17 +98,65 @@ def prune(ckpt_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def check_file(path: str | os.PathLike) -> Path:
+    """Cheap checks (no unpickling) that ``path`` can be a checkpoint: it exists and is a complete
+    zip archive, as ``torch.save`` writes. Anything else (a text file, a truncated copy) would
+    otherwise fail deep in the unpickler with a message naming neither the file nor the problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        kind = "an empty file" if path.stat().st_size == 0 else "not a complete torch.save archive"
+        raise CheckpointError(f"cannot read checkpoint {path}: {kind} (truncated, or not a checkpoint)")
+    return path
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    path = check_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # corrupt member, foreign pickle, ...
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}"
+                              f"{': ' + detail if detail else ''}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ioulab checkpoint (format {FORMAT})")
     return ckpt
+
+
+def remove_stale_tmp(ckpt_dir: Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed midway; returns what was removed."""
+    if not ckpt_dir.is_dir():
+        return []
+    stale = sorted(p for p in ckpt_dir.iterdir() if _TMP.match(p.name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def newest_intact(ckpt_dir: Path, map_location: str | torch.device = "cpu"
+                  ) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads: ``(path, state, skipped)``, ``skipped`` listing the newer
+    unreadable ones with the reason; ``(None, None, skipped)`` when none loads."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load(path, map_location), skipped
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+    return None, None, skipped
+
+
+def check_resumable(ckpt: dict, cfg: C.Config, path: Path) -> None:
+    """Raise if ``cfg`` changes a ``train.*``, ``model.*`` or ``data.*`` value the checkpoint was
+    made with (``inference.*`` and :data:`RESUME_FREE_KEYS` may change)."""
+    stored = C.from_dict(ckpt["config"], source=f"{path} (stored config)")
+    changed = {k: v for prefix in RESUME_PREFIXES for k, v in C.diff(stored, cfg, prefix).items()
+               if k not in RESUME_FREE_KEYS}
+    if changed:
+        lines = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(changed.items()))
+        raise CheckpointError(f"cannot resume from {path}: the config changes {lines}; resume with the "
+                              "checkpoint's values, or train into a new --out")
 
 
 def check_compatible(ckpt: dict, cfg: C.Config, path: Path, prefix: str = "model.") -> None:

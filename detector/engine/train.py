@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +90,64 @@ def build_optimizer(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.optim.S
                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
 
 
+def resume_point(cfg: C.Config, out_dir: str | Path, resume: bool, device: str | torch.device = "cpu",
+                 verbose: bool = False) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run in ``out_dir`` starts from: ``(path, state)``, or ``(None, None)`` for a
+    fresh start. Removes the ``.tmp`` files of a save that was killed; with ``resume``, skips
+    unreadable newer checkpoints (saying which with ``verbose``) and refuses a config that changes
+    ``train.*`` / ``model.*`` / ``data.*`` values. Raises ``CheckpointError`` (before anything is
+    written) when the run cannot start. Cheap enough for a command to call before it opens its
+    tracking run."""
+    ckpt_dir = Path(out_dir).resolve() / "checkpoints"
+    removed = ckpt_io.remove_stale_tmp(ckpt_dir)
+    if removed:  # said once: whichever call finds them removes them
+        print(f"[ioulab] removed {len(removed)} unfinished checkpoint file(s) of an interrupted save "
+              f"in {ckpt_dir}", file=sys.stderr)
+    latest = ckpt_io.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return None, None
+    if not resume:
+        raise ckpt_io.CheckpointError(f"{ckpt_dir.parent} already has checkpoints (newest {latest.name}): "
+                                      "pass --resume to continue it, or choose another --out")
+    path, state, skipped = ckpt_io.newest_intact(ckpt_dir, map_location=device)
+    if path is None:
+        raise ckpt_io.CheckpointError(f"cannot resume {ckpt_dir.parent}: no checkpoint is readable "
+                                      f"({skipped[0][1]})")
+    ckpt_io.check_resumable(state, cfg, path)
+    if skipped and verbose:
+        names = ", ".join(p.name for p, _ in skipped)
+        print(f"[ioulab] skipping unreadable checkpoint(s) {names} ({skipped[0][1]}); "
+              f"resuming from {path.name}", file=sys.stderr)
+    return path, state
+
+
+def open_log(path: Path, start: int):
+    """``log.jsonl`` for appending from iteration ``start``: records of later iterations (logged
+    after the checkpoint the run resumes from, before it was interrupted) and a torn last line are
+    dropped first, so every iteration appears once."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iteration"), int) \
+                    and record["iteration"] <= start:
+                kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return path.open("a")
+
+
 def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None, resume: bool = False,
           on_checkpoint: CheckpointHook | None = None, progress: bool = True) -> TrainResult:
     """Train ``cfg`` into ``out_dir``, evaluate on the validation split, return the metrics.
 
-    ``resume=True`` continues from the newest checkpoint in ``out_dir`` exactly (weights, optimizer,
-    schedule, RNG and data order); the stored config must match ``cfg`` except for ``train.*``
-    bookkeeping keys that do not change the result.
+    ``resume=True`` continues from the newest readable checkpoint in ``out_dir`` exactly (weights,
+    optimizer, schedule, RNG and data order); ``cfg`` may change only ``inference.*`` keys and
+    bookkeeping keys that do not change the result (see :func:`resume_point`).
     """
     out_dir = Path(out_dir).resolve()
     ckpt_dir = out_dir / "checkpoints"
@@ -113,11 +166,8 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
     scaler = amp.grad_scaler()  # enabled for float16 only
 
     start = 0
-    latest = ckpt_io.latest_checkpoint(ckpt_dir)
-    if resume and latest is not None:
-        state = ckpt_io.load(latest, map_location=device)
-        ckpt_io.check_compatible(state, cfg, latest, prefix="model.")
-        ckpt_io.check_compatible(state, cfg, latest, prefix="data.")
+    latest, state = resume_point(cfg, out_dir, resume, device, verbose=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -125,9 +175,6 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
             scaler.load_state_dict(state["scaler"])
         ckpt_io.set_rng_state(state["rng"])
         start = state["iteration"]
-    elif latest is not None:
-        raise ckpt_io.CheckpointError(f"{out_dir} already has checkpoints (newest {latest.name}): "
-                                      "pass --resume to continue it, or choose another --out")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
@@ -146,7 +193,7 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
         return path
 
     batches = InfiniteLoader(train_set, tcfg.batch_size, cfg.data.num_workers, tcfg.seed).iter_from(start)
-    log_file = (out_dir / "log.jsonl").open("a")
+    log_file = open_log(out_dir / "log.jsonl", start)
     bar = tqdm(total=total, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
     path = latest if start >= total and latest is not None else None
     metrics: dict[str, float] | None = None

@@ -19,9 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ioulab.detector import config as C
+    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine.amp import amp_policy
     from ioulab.detector.engine.datasets import build_dataset
     from ioulab.detector.engine.evaluate import evaluate_model, load_trained
 
+    ckpt_io.check_file(args.checkpoint)  # a missing or broken file fails before any MLflow run
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     # Checkpoint, config (the same checks as train) and data first: a failure creates no MLflow run.
     model, cfg, info, device = load_trained(args.checkpoint, args.overrides)
@@ -31,7 +34,8 @@ def run(args) -> int:
     status = "FAILED"
     try:
         metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, device,
-                                 num_workers=cfg.data.num_workers, out_dir=out, progress=not args.no_progress)
+                                 num_workers=cfg.data.num_workers, out_dir=out, progress=not args.no_progress,
+                                 amp=amp_policy(cfg.train, device))
         (out / "config.yaml").write_text(C.dump_yaml(cfg))
         if tracker is not None:
             tracker.log_params(C.flatten(cfg))

@@ -24,15 +24,30 @@ def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
+    p.add_argument("--mlflow-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="bound of each MLflow request; training waits at most this long per delivery "
+                        "attempt when the server hangs (default: $MLFLOW_HTTP_REQUEST_TIMEOUT or 5)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected whole seconds >= 1, got {text!r}")
+    return value
 
 
 def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
     """The MLflow run of a CLI command, or None with --no-mlflow."""
     if args.no_mlflow:
         return None
-    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri
+    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri, set_request_timeout
 
+    if getattr(args, "mlflow_timeout", None):
+        set_request_timeout(args.mlflow_timeout)
     uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     return MlflowRun(uri, args.experiment, run_name=run_name, tags=tags,
                      find_tags={"ioulab.run_dir": str(out)} if getattr(args, "resume", False) else None,
@@ -72,13 +87,14 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 def run(args) -> int:
     from ioulab.detector.engine.datasets import absolutize
-    from ioulab.detector.engine.train import train
+    from ioulab.detector.engine.train import resume_point, train
     from ioulab.detector.model.build import pretrained_weights
 
     cfg = C.load_config(args.config, args.overrides)  # every key range-checked (ConfigError)
     pretrained_weights(cfg.model)  # ImageNet weights missing: one line now, before data or MLflow
     absolutize(cfg.data)
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    resume_point(cfg, out, args.resume)  # a run that cannot start fails before any MLflow run
     tags = {"ioulab.run_dir": str(out), "ioulab.command": "train",
             "ioulab.config": str(args.config or C.DEFAULT_PRESET)}
     # The trainer validates both data splits (and a resumed checkpoint) before its first record.
@@ -88,6 +104,9 @@ def run(args) -> int:
     try:
         result = train(cfg, out, logger=tracker, resume=args.resume, progress=not args.no_progress)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # Ctrl-C: `--resume` continues from the last checkpoint
+        raise
     finally:
         if tracker is not None:
             tracker.close(status)

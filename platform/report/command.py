@@ -8,6 +8,7 @@ they show in the MLflow UI. Reads: the parent run (tags ``ioulab.varying_keys``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -40,11 +41,45 @@ def add_tracking_argument(p: argparse.ArgumentParser) -> None:
 
 
 def client_for(args):
+    """A client of the store named by ``--tracking-uri`` (or the default), which must exist:
+    reports only read, so a mistyped path is an error instead of a new empty store."""
     from mlflow.tracking import MlflowClient
 
     from ioulab.platform.tracking import absolute_uri, default_tracking_uri
 
-    return MlflowClient(absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri())
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    check_store_exists(uri)
+    return MlflowClient(uri)
+
+
+def check_store_exists(uri: str) -> None:
+    """Raise ReportError unless a local store (SQLite file, file store folder) is already there;
+    opening a missing one would create it (and its folders). Server URIs are not checked."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if not path.is_file():
+            raise ReportError(f"no MLflow store at {uri}: {path} does not exist (nothing was created); "
+                              "pass the --tracking-uri the sweep or run logged to")
+        if not _is_mlflow_sqlite(path):
+            raise ReportError(f"{path} is not an MLflow store (no MLflow tables); pass the --tracking-uri "
+                              "the sweep or run logged to")
+    elif uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(uri).path))
+        if not path.is_dir():
+            raise ReportError(f"no MLflow store at {uri}: {path} does not exist (nothing was created)")
+
+
+def _is_mlflow_sqlite(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError:
+        return False
+    return {"experiments", "runs"} <= names
 
 
 def build_report(client, sweep_name: str, baseline: list[str] | None = None,

@@ -116,7 +116,8 @@ def status_line(trials: list[Trial]) -> str:
 # Markdown
 # --------------------------------------------------------------------------------------------
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A table cell: ``|`` escaped and line breaks flattened (either would break the table)."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 NUMERIC = ("num", "pos", "neg")

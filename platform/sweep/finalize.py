@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from ioulab.detector import config as C
 from ioulab.platform.sweep.driver import (STATUS_TO_MLFLOW, TrialRecord, _is_uri, _join, _write_text,
                                           summary_markdown)
 from ioulab.platform.sweep.space import Plan
-from ioulab.platform.tracking import PARENT_TAG, MlflowRun, replay_file
+from ioulab.platform.tracking import PARENT_TAG, MlflowRun, SpoolError, replay_file
 
 
 def best_trial(plan: Plan, records: list[TrialRecord]) -> TrialRecord | None:
@@ -37,16 +38,27 @@ def best_trial(plan: Plan, records: list[TrialRecord]) -> TrialRecord | None:
     return pick(scored, key=lambda t: t.metrics[plan.metric])
 
 
-def _replay_spools(root: str, deadline: float) -> bool:
+def _replay_spools(root: str, uri: str, deadline: float) -> bool:
+    """Replay ``<root>/mlflow_spool/*.jsonl`` to ``uri`` only, uploading only files under ``root``:
+    anyone who can write the storage can write a spool file, so a file naming another server or
+    outside files is refused (reported, left in place) instead of obeyed."""
     if _is_uri(root):
         return True
     folder = Path(root, "mlflow_spool")
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    refused = []
     while files:
         left = []
         for f in files:
-            if replay_file(f) == 0:
+            try:
+                pending = replay_file(f, uri, root=root)
+            except SpoolError as exc:
+                print(f"[ioulab] warning: spool file refused: {exc}", file=sys.stderr)
+                refused.append(f)
+                continue
+            if pending == 0:
                 f.unlink()
+                shutil.rmtree(f.with_suffix(".files"), ignore_errors=True)
             else:
                 left.append(f)
         files = left
@@ -55,8 +67,9 @@ def _replay_spools(root: str, deadline: float) -> bool:
         time.sleep(2.0)
     if files:
         print(f"[ioulab] {len(files)} spooled MLflow record files not delivered yet: replay with "
-              + "; ".join(f"python -m ioulab.platform.tracking {f}" for f in files), file=sys.stderr)
-    return not files
+              + "; ".join(f"python -m ioulab.platform.tracking {f} --tracking-uri {uri}" for f in files),
+              file=sys.stderr)
+    return not files and not refused
 
 
 def _trial_params(plan: Plan, record: TrialRecord) -> dict:
@@ -130,7 +143,7 @@ def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: s
 def finalize(plan: Plan, state: dict, records: list[TrialRecord], parent: MlflowRun, uri: str,
              experiment: str, root: str, wait: float) -> tuple[TrialRecord | None, bool]:
     deadline = time.monotonic() + wait
-    complete = _replay_spools(root, deadline)
+    complete = _replay_spools(root, uri, deadline)
     while True:
         try:
             parent.deliver(0)

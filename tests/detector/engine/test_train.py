@@ -100,8 +100,23 @@ def test_checkpoint_loads_weights_only_and_rejects_other_config(tiny_cfg, tmp_pa
     with pytest.raises(ckpt_io.CheckpointError, match="cannot read checkpoint"):
         ckpt_io.load(bad)
     # Inference-only overrides are fine and change the outputs, not the weights.
-    metrics, cfg = evaluate_checkpoint(result.checkpoint, ["inference.score_thresh=0.9"], progress=False)
-    assert cfg.inference.score_thresh == 0.9 and set(metrics) >= {"AP", "AP90"}
+    file_before = result.checkpoint.read_bytes()
+    base_model, _, _, _ = load_trained(result.checkpoint)
+    _, base_cfg = evaluate_checkpoint(result.checkpoint, out_dir=tmp_path / "base", progress=False)
+    over = ["inference.score_thresh=0.01", "inference.detections_per_img=3"]
+    metrics, cfg = evaluate_checkpoint(result.checkpoint, over, out_dir=tmp_path / "over", progress=False)
+    assert cfg.inference.score_thresh == 0.01 and set(metrics) >= {"AP", "AP90"}
+    base_dets = json.loads((tmp_path / "base" / "detections.json").read_text())
+    over_dets = json.loads((tmp_path / "over" / "detections.json").read_text())
+    assert base_cfg.inference.detections_per_img > 3 and len(base_dets) > len(over_dets) > 0
+    per_image = {}
+    for d in over_dets:
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+    assert max(per_image.values()) <= 3
+    over_model, _, _, _ = load_trained(result.checkpoint, over)
+    weights = base_model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in over_model.state_dict().items())
+    assert result.checkpoint.read_bytes() == file_before
 
 
 def test_lr_schedule_warmup_and_steps():
@@ -109,3 +124,61 @@ def test_lr_schedule_warmup_and_steps():
     f = lr_factor(cfg, 100)
     assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
     assert f(49) == 1.0 and f(50) == pytest.approx(0.1) and f(75) == pytest.approx(0.01)
+
+
+def test_resume_falls_back_to_newest_intact_checkpoint(tiny_cfg, tmp_path, capsys):
+    straight = train(tiny_cfg(), tmp_path / "r", progress=False)
+    final = ckpt_io.load(straight.checkpoint)["model"]
+    newest = straight.checkpoint
+    newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a copy cut short by a full disk
+    capsys.readouterr()
+    resumed = train(tiny_cfg(), tmp_path / "r", resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "skipping unreadable checkpoint(s) model_0000004.pth" in err
+    assert "resuming from model_0000002.pth" in err
+    weights = ckpt_io.load(resumed.checkpoint)["model"]
+    assert all(torch.equal(final[k], v) for k, v in weights.items())
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_resume_refuses_changed_train_model_data_values(tiny_cfg, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_cfg("train.max_iters=2"), run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    changed = tiny_cfg("train.max_iters=2", "train.lr=0.5", "model.pool_size=5")
+    with pytest.raises(ckpt_io.CheckpointError) as exc_info:
+        train(changed, run, resume=True, progress=False)
+    msg = str(exc_info.value)
+    assert "\n" not in msg and "model_0000002.pth" in msg
+    assert "train.lr (0.02 -> 0.5)" in msg and "model.pool_size (7 -> 5)" in msg
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml too
+    # Inference keys may change: the finished run is evaluated again with them.
+    again = train(tiny_cfg("train.max_iters=2", "inference.detections_per_img=1"), run, resume=True, progress=False)
+    assert again.iterations == 2 and "detections_per_img: 1" in (run / "config.yaml").read_text()
+
+
+def test_start_removes_stale_tmp_files(tiny_cfg, tmp_path):
+    ckpt_dir = tmp_path / "r" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    stale = ckpt_dir / ".model_0000002.pth.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_cfg("train.max_iters=2"), tmp_path / "r", progress=False)
+    assert not stale.exists()
+    assert [p.name for p in ckpt_dir.iterdir()] == ["model_0000002.pth"]
+
+
+def test_open_log_keeps_each_iteration_once(tmp_path):
+    from ioulab.detector.engine.train import open_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i, "loss/total": 1.0 / i}) + "\n" for i in (1, 2, 3))
+                   + '{"iteration": 4, "loss/to')  # torn by a kill mid-write
+    with open_log(log, 2) as f:
+        f.write(json.dumps({"iteration": 3, "loss/total": 0.5}) + "\n")
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    with open_log(tmp_path / "new.jsonl", 0) as f:
+        f.write("{}\n")
+    with open_log(log, 0):
+        pass
+    assert log.read_text() == ""  # a fresh start (no checkpoint) drops the killed attempt's lines

@@ -61,17 +61,20 @@ def test_iounet_trains_with_both_losses(loss, batch):
     cfg = C.load_config("cpu_tiny_iounet", TINY + [f"model.iou_head.loss={loss}"])
     model = build_model(cfg.model, 3, cfg.inference)
     assert model.loss_weights["loss_iou"] == 5.0
-    opt = torch.optim.SGD(model.parameters(), lr=0.005)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
     images, targets = batch
-    first = None
-    for _ in range(4):
+    history = []
+    for _ in range(8):
         terms = model(images, targets)
         assert all(math.isfinite(v.item()) for v in terms.values())
         opt.zero_grad()
         sum(model.weighted_losses(terms).values()).backward()
         opt.step()
-        first = first if first is not None else terms["loss_iou"].item()
+        history.append(terms["loss_iou"].item())
     assert model.roi_heads.iou_predictor.head.fc1.weight.grad.abs().sum() > 0
+    # The IoU head learns on one batch (seeded; measured: smooth_l1 0.17 -> 0.03, bce 0.69 -> 0.59).
+    assert history[-1] < 0.9 * history[0], history
+    assert sum(history[-3:]) < sum(history[:3]), history
 
 
 def test_every_inference_mode_on_one_model(batch):

@@ -10,7 +10,6 @@ import hashlib
 import importlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -65,12 +64,9 @@ def test_elements_equal_reference(elements, seed):
 
 
 def test_elements_official_vectors(elements):
-    data = Path("/work/shared/testdata/prroi")
-    if not (data / "features.npy").exists():
-        pytest.skip("official vectors not found")
-    features, rois, outputs, grad_features, grad_rois = (
-        torch.from_numpy(np.load(data / f"{n}.npy"))
-        for n in ["features", "rois", "real_outputs", "gradients0", "gradients1"])
+    from tests.detector.ops.test_prroi_pool import official_vectors
+
+    features, rois, outputs, grad_features, grad_rois = official_vectors()
     out, g_in, g_rois = elements(features, rois, torch.ones_like(outputs), 0.5, 2, 2)
     torch.testing.assert_close(out, outputs, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_in, grad_features, atol=1e-6, rtol=0)

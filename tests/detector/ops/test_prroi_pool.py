@@ -18,17 +18,24 @@ from ioulab.detector.ops.prroi_pool import ensure_ops
 
 # The package exports the function `prroi_pool`, which shadows the submodule of the same name.
 prroi_module = importlib.import_module("ioulab.detector.ops.prroi_pool")
-TESTDATA = Path("/work/shared/testdata/prroi")
+# The official reference vectors (80 KB, public), kept with the tests: see testdata/prroi/README.md.
+TESTDATA = Path(__file__).resolve().parent / "testdata" / "prroi"
+OFFICIAL = ["features", "rois", "real_outputs", "gradients0", "gradients1"]
 BACKENDS = ["extension", "reference"]
 # Grid cap of the CUDA kernels (prroi_pool_cuda.cu: kMaxBlocks * kThreads).
 CUDA_GRID_OUTPUTS = 4096 * 256
 
 
+def official_vectors(folder: Path = TESTDATA) -> list[torch.Tensor]:
+    """features, rois, outputs, d/d features, d/d rois; a missing file fails the test (never skips:
+    these vectors are what proves the op matches the paper's code)."""
+    missing = [n for n in OFFICIAL if not (folder / f"{n}.npy").is_file()]
+    assert not missing, f"official PrRoIPool vectors missing from {folder}: {missing}"
+    return [torch.from_numpy(np.load(folder / f"{n}.npy")) for n in OFFICIAL]
+
+
 def _official():
-    names = ["features", "rois", "real_outputs", "gradients0", "gradients1"]
-    if not (TESTDATA / "features.npy").exists():
-        pytest.skip(f"official vectors not found in {TESTDATA}")
-    return [torch.from_numpy(np.load(TESTDATA / f"{n}.npy")) for n in names]
+    return official_vectors()
 
 
 def _pool_and_grads(input, rois, output_size, scale, backend, grad_out=None):
@@ -348,3 +355,11 @@ def test_opcheck_schema_autograd_and_fake():
     rois.requires_grad_()
     torch.library.opcheck(torch.ops.ioulab.prroi_pool.default, (input, rois, 0.5, 2, 3),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_missing_official_vectors_fail_instead_of_skipping(tmp_path):
+    (tmp_path / "features.npy").write_bytes(b"")
+    with pytest.raises(AssertionError, match=r"missing from .*\['rois', 'real_outputs', 'gradients0', 'gradients1'\]"):
+        official_vectors(tmp_path)
+    shapes = [tuple(t.shape) for t in official_vectors()]  # the copy kept with the tests
+    assert shapes == [(4, 2, 24, 32), (2, 5), (2, 2, 2, 2), (4, 2, 24, 32), (2, 5)]
