@@ -209,7 +209,9 @@ def test_hanging_server_blocks_training_at_most_the_timeout_per_attempt(tiny_cfg
     try:
         spool = tmp_path / "run" / "mlflow_pending.jsonl"
         t0 = time.monotonic()
-        tracker = MlflowRun(server.uri, "exp", run_name="r", spool=spool, retry_seconds=1.0)
+        # Retry soon (0.2 s, then doubling): a 6-iteration training can take under a second, and
+        # the test needs at least one attempt while training runs.
+        tracker = MlflowRun(server.uri, "exp", run_name="r", spool=spool, retry_seconds=0.2)
         connect = time.monotonic() - t0
         logger = Timed(tracker)
         result = train(tiny_cfg("train.max_iters=6"), tmp_path / "run", logger=logger, progress=False)
