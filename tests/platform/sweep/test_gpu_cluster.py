@@ -140,7 +140,7 @@ def test_a_node_with_other_ioulab_code_fails_its_trial_once_naming_both(ray_clus
     callback = add_node_at_start(num_cpus=1, num_gpus=1,
                                  env_vars={"PYTHONPATH": str(other.parent), "IOULAB_GIT_COMMIT": node_commit})
     space = tmp_path / "one.yaml"
-    space.write_text("base: cpu_tiny\ngrid: {train.seed: [0]}\nresources: {cpu: 1, gpu: 1}\nmax_failures: 2\n")
+    space.write_text("base: cpu_tiny\ngrid: {train.seed: [0, 1]}\nresources: {cpu: 1, gpu: 1}\nmax_failures: 2\n")
     plan = load_space(space, tiny_sets)
     with pytest.raises(SweepError) as err:
         run_sweep(plan, options(tmp_path, allow_pending=True), callbacks=[callback])
@@ -148,10 +148,11 @@ def test_a_node_with_other_ioulab_code_fails_its_trial_once_naming_both(ray_clus
     assert "\n" not in message
     assert f"node {AddNodeAtStart.added[0].node_id} runs ioulab" in message
     assert f"commit {node_commit[:12]}" in message and f"commit {driver.commit[:12]}, code {driver.digest}" in message
-    (result_file,) = (tmp_path / "ray_results" / "one" / "train").glob("*/result.json")
-    attempts = [json.loads(x) for x in result_file.read_text().splitlines()]
-    assert len(attempts) == 1 and attempts[0]["code_mismatch"] == message  # failed once, not retried
+    for result_file in (tmp_path / "ray_results" / "one" / "train").glob("*/result.json"):
+        attempts = [json.loads(x) for x in result_file.read_text().splitlines()]
+        assert len(attempts) == 1 and attempts[0]["code_mismatch"] == message  # failed once, not retried
     summary = json.loads((tmp_path / "ray_results" / "one" / "summary.json").read_text())
-    assert [t["status"] for t in summary["trials"]] == ["FAILED"]
-    _, (parent,), (child,) = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert child.info.status == "FAILED" and child.data.tags["ioulab.trial_status"] == "FAILED"
+    assert [t["status"] for t in summary["trials"]] == ["FAILED", "FAILED"]
+    _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(children) == 2
+    assert all(c.info.status == "FAILED" and c.data.tags["ioulab.trial_status"] == "FAILED" for c in children)
