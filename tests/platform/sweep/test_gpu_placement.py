@@ -105,3 +105,13 @@ def test_autoscaler_status_read_only_vs_configured_node_types():
     growing = {"autoscaler_report": {"active_nodes": {"head": 1}, "idle_nodes": None, "pending_nodes": [],
                                      "pending_launches": {"gpu_worker": 1}, "failed_nodes": []}}
     assert driver.autoscaling_node_types(growing)
+
+
+@pytest.mark.parametrize("space", sorted(p.name for p in SPACES.glob("*.yaml")
+                                         if "r50:" in p.read_text()))
+def test_r50_profiles_train_on_one_gpu_and_evaluate_on_a_quarter(space):
+    plan = load_space(SPACES / space, profile="r50")
+    if plan.train_points:
+        assert plan.train.resources.gpu == 1
+    if plan.eval_points:
+        assert plan.eval.resources.gpu == 0.25
