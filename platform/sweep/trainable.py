@@ -11,6 +11,10 @@ restore. MLflow records not yet delivered travel inside each Tune checkpoint
 (``mlflow_pending.json``) and, at the end of an attempt, into the sweep's spool folder; the driver
 replays both, so an outage loses nothing.
 
+Every trial first checks that its node imports the driver's ioulab code (``driver_code``, passed
+with ``tune.with_parameters``; a mismatch fails it once, not retried), then runs on the device Ray
+gave it: CUDA only with a GPU share, a fractional share capping its CUDA memory (:func:`place_trial`).
+
 ``config`` (the Tune param space): ``{"ioulab": <sweep context>, "trial": <name of a point>}``
 (the grid is over point names, so Tune's status table reads ``train-002 box_loss.type=giou,...``).
 Context: sweep, sweep_id, experiment, tracking_uri, parent_run_id, spool_dir, stage, stage_dir
