@@ -5,5 +5,6 @@
     driver.py       plan → Ray Tune experiments (train stage, eval stage) → outcome
     trainable.py    the Tune trainables over the detector's trainer and evaluator
     finalize.py     one MLflow child run per trial with its final status; summary on the parent
+    codecheck.py    the ioulab code identity compared between working dir, driver and trials
     command.py      the CLI
 """

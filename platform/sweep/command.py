@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlflow-wait", type=float, default=120.0, metavar="S",
                    help="seconds to keep retrying an unreachable MLflow at the end of the sweep")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--allow-pending", action="store_true",
+                   help="start even if no node can hold a trial yet (a cluster that adds nodes on demand; "
+                        "detected autoscalers need no flag): trials wait for the nodes")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the outcome as JSON")
     p.add_argument("--quiet", action="store_true", help="no Tune status table")
 
@@ -81,7 +84,7 @@ def run(args) -> int:
     options = SweepOptions(address=args.address, storage=args.storage, tracking_uri=args.tracking_uri,
                            experiment=args.experiment, resume=args.resume, checkpoint_ref=checkpoint_ref,
                            mlflow_wait=args.mlflow_wait, verbose=0 if args.quiet else 1,
-                           num_cpus=args.num_cpus)
+                           num_cpus=args.num_cpus, allow_pending=args.allow_pending)
     try:
         outcome = run_sweep(plan, options)
     except SweepError as exc:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from ioulab.detector import config as C
 from ioulab.detector.errors import UserError
+from ioulab.platform.sweep.codecheck import CodeMismatchError, check_working_dir, code_identity
 from ioulab.platform.sweep.space import METRICS, Plan
 
 SUMMARY_METRICS = METRICS[:7]  # AP … AP90: the summary table's columns
@@ -52,6 +53,7 @@ class SweepOptions:
     mlflow_wait: float = 120.0         # seconds the driver keeps retrying MLflow at the end
     verbose: int = 1
     num_cpus: int | None = None        # embedded Ray only
+    allow_pending: bool = False        # start even if no node can hold a trial yet (autoscaling)
 
 
 @dataclass
@@ -193,6 +195,29 @@ def trial_dirname(trial) -> str:
     return f"{trial_name(trial)}_{trial.trial_id}"
 
 
+def _no_retry_on_code_mismatch():
+    from ray import tune
+
+    class NoRetryOnCodeMismatch(tune.Callback):
+        """A trial that found other ioulab code on its node reports ``code_mismatch`` and then
+        raises: it fails without retries (a retry would meet the same code). The retry budget is
+        restored once the error is recorded, for a later ``--resume``."""
+
+        def __init__(self):
+            self.budgets: dict[str, int] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("code_mismatch") and trial.trial_id not in self.budgets:
+                self.budgets[trial.trial_id] = trial.max_failures
+                trial.max_failures = 0
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.budgets:
+                trial.max_failures = self.budgets.pop(trial.trial_id)
+
+    return NoRetryOnCodeMismatch()
+
+
 def _progress_callback():
     from ray import tune
 
@@ -269,20 +294,64 @@ def _init_ray(options: SweepOptions) -> bool:
     return True
 
 
-def _check_resources(plan: Plan) -> None:
-    """Fail before any trial starts if no node alive now can hold a trial (Tune would wait
-    forever for the resources)."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def resource_shortfall(plan: Plan, nodes: list[dict]) -> str | None:
+    """Why no node in ``nodes`` (each node's total resources, ``ray.nodes()[i]["Resources"]``)
+    can hold a trial of some stage of ``plan``, or None when every stage fits on some node."""
     for stage, settings, points in (("train", plan.train, plan.train_points), ("eval", plan.eval, plan.eval_points)):
         r = settings.resources
         if not points or any(n.get("CPU", 0) >= r.cpu and n.get("GPU", 0) >= r.gpu for n in nodes):
             continue
         biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        raise SweepError(f"{plan.space_file}: a {stage} trial needs {r.cpu:g} CPUs and {r.gpu:g} GPUs on one "
-                         f"node; the largest node has {biggest.get('CPU', 0):g} CPUs and {biggest.get('GPU', 0):g} "
-                         "GPUs (a CPU profile: --profile cpu)")
+        return (f"{plan.space_file}: a {stage} trial needs {r.cpu:g} CPUs and {r.gpu:g} GPUs on one node; the "
+                f"largest node has {biggest.get('CPU', 0):g} CPUs and {biggest.get('GPU', 0):g} GPUs")
+    return None
+
+
+def autoscaler_running() -> bool:
+    """True if the connected cluster has an autoscaler that can add nodes: autoscaler v2 is on, or
+    the v1 monitor's status (``ray status``) names node types of an autoscaling config. A cluster
+    without one (``ray start`` by hand) also runs a monitor, whose node types are only the anonymous
+    ``node_<id>`` of each node (Ray's read-only provider)."""
+    import ray._private.ray_constants as ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001 - no answer: treat as a fixed cluster
+        return False
+    return status is not None and autoscaling_node_types(json.loads(status))
+
+
+def autoscaling_node_types(status: dict) -> bool:
+    """True if the v1 autoscaler status JSON names a node type of an autoscaling config."""
+    import re
+
+    report = status.get("autoscaler_report") or {}
+    types = {*report.get("active_nodes", {}), *(report.get("idle_nodes") or {}), *report.get("pending_launches", {}),
+             *(entry[1] for entry in report.get("pending_nodes", [])),
+             *(entry[1] for entry in report.get("failed_nodes", []))}
+    return any(not re.fullmatch(r"node_[0-9a-f]+", t) for t in types)
+
+
+def _check_resources(plan: Plan, allow_pending: bool) -> None:
+    """Fail before any trial starts if no node alive now can hold a trial (Tune would wait
+    forever for the resources), unless the cluster can grow (``--allow-pending``, or an
+    autoscaler): then warn and let the trials wait for the nodes."""
+    import ray
+
+    shortfall = resource_shortfall(plan, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if shortfall is None:
+        return
+    if allow_pending or autoscaler_running():
+        why = "--allow-pending" if allow_pending else "the cluster autoscales"
+        print(f"[ioulab] warning: {shortfall}; its trials wait until such a node joins ({why})",
+              file=sys.stderr, flush=True)
+        return
+    raise SweepError(f"{shortfall} (a CPU profile: --profile cpu; a cluster that adds nodes: --allow-pending)")
 
 
 def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
@@ -320,7 +389,10 @@ def _run_stage(stage: str, trainable, points: list[dict], ctx: dict, plan: Plan,
     from ioulab.platform.sweep.trainable import point_name
 
     settings = plan.train if stage == "train" else plan.eval
-    fn = tune.with_resources(trainable, settings.resources.as_tune())
+    # The driver's code identity travels as a parameter, not in the (restored) param space: a
+    # --resume after upgrading the nodes compares them with the driver as it is now.
+    fn = tune.with_resources(tune.with_parameters(trainable, driver_code=code_identity().to_json()),
+                             settings.resources.as_tune())
     names = {point_name(stage, p): p for p in points}
     ctx = {**ctx, "points": names}
     path = _join(root, stage)
@@ -339,14 +411,16 @@ def _run_stage(stage: str, trainable, points: list[dict], ctx: dict, plan: Plan,
                                       max_t=es.max_t, stop_last_trials=False)
         tuner = tune.Tuner(
             fn, param_space={"ioulab": ctx, "trial": tune.grid_search(list(names))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency, reuse_actors=True,
+            # A GPU trial gets a fresh actor: a reused one could keep the last trial's CUDA memory.
+            tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency,
+                                        reuse_actors=settings.resources.gpu == 0,
                                         scheduler=scheduler, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=stage, storage_path=root, verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.keep_checkpoints),
-                callbacks=[_progress_callback(), *callbacks]))
+                callbacks=[_progress_callback(), _no_retry_on_code_mismatch(), *callbacks]))
     t0 = time.perf_counter()
     grid = tuner.fit()
     return grid, time.perf_counter() - t0
@@ -389,6 +463,9 @@ def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRe
         if stage == "eval":
             ref = point.get("checkpoint")
         status = "FAILED" if result.error is not None else ("FINISHED" if m.get("final") else "STOPPED")
+        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000]
+        if result.error is not None and m.get("code_mismatch"):
+            error = f"CodeMismatchError: {m['code_mismatch']}"
         trial_id = m.get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
         metrics = {k: float(v) for k, v in m.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in METRICS or k.startswith("loss/"))}
@@ -396,7 +473,7 @@ def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRe
                                status=status, values=values_of(stage, point), metrics=metrics, node_ids=nodes,
                                seconds=float(m.get("trial_seconds", m.get("time_total_s", 0.0)) or 0.0),
                                checkpoint=ref, train_trial_id=point.get("train_trial_id"),
-                               error=None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000],
+                               error=error,
                                pending=pending))
     return sorted(out, key=lambda r: r.index)
 
@@ -423,6 +500,10 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
     check_tracking_uri(options)
     root = _join(root_parent, plan.name)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # ASHA: not every report has AP
+    try:
+        check_working_dir(Path.cwd())  # ray job submit --working-dir: is the shipped code the imported one?
+    except CodeMismatchError as exc:
+        raise SweepError(str(exc)) from None
 
     def prepare() -> str:
         # While Ray starts (seconds each): data paths (and synthetic data), the MLflow import and
@@ -446,7 +527,7 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
             preparing.exception()  # never leave it running
     try:
         uri = preparing.result()
-        _check_resources(plan)
+        _check_resources(plan, options.allow_pending)
         state = _state(root, plan, options)
         parent = _open_parent(plan, state, uri, options.experiment, root)
         if parent.run_id and state.get("parent_run_id") != parent.run_id:
@@ -502,6 +583,9 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
         t_final = time.perf_counter()
         best, complete = finalize(plan, state, records, parent, uri, options.experiment, root, options.mlflow_wait)
         t_final = time.perf_counter() - t_final
+        mismatch = next((r.error for r in records if (r.error or "").startswith("CodeMismatchError: ")), None)
+        if mismatch:
+            raise SweepError(mismatch.removeprefix("CodeMismatchError: "))
     finally:
         if owns_ray:
             import ray

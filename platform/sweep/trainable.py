@@ -11,6 +11,10 @@ restore. MLflow records not yet delivered travel inside each Tune checkpoint
 (``mlflow_pending.json``) and, at the end of an attempt, into the sweep's spool folder; the driver
 replays both, so an outage loses nothing.
 
+Every trial first checks that its node imports the driver's ioulab code (``driver_code``, passed
+with ``tune.with_parameters``; a mismatch fails it once, not retried), then runs on the device Ray
+gave it: CUDA only with a GPU share, a fractional share capping its CUDA memory (:func:`place_trial`).
+
 ``config`` (the Tune param space): ``{"ioulab": <sweep context>, "trial": <name of a point>}``
 (the grid is over point names, so Tune's status table reads ``train-002 box_loss.type=giou,...``).
 Context: sweep, sweep_id, experiment, tracking_uri, parent_run_id, spool_dir, stage, stage_dir
@@ -36,7 +40,8 @@ from ray import tune
 from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint as ckpt_io
 from ioulab.detector.engine.evaluate import evaluate_checkpoint
-from ioulab.detector.engine.train import train
+from ioulab.detector.engine.train import resolve_device, train
+from ioulab.platform.sweep.codecheck import CodeMismatchError, check_same_code
 from ioulab.platform.tracking import PARENT_TAG, MlflowRun
 
 PENDING_FILE = "mlflow_pending.json"
@@ -78,6 +83,39 @@ def _use_assigned_cpus() -> None:
     """One torch thread per CPU Tune gave this trial (the default would be every core)."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def gpu_assignment() -> dict[str, Any]:
+    """This trial's GPUs as Ray assigned them: ``gpu_ids`` (``ray.get_gpu_ids()``, comma-separated),
+    ``gpu_share`` (the trial's GPU resource, e.g. 0.25) and ``cuda_visible_devices`` (as Ray set it)."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return {"gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()), "gpu_share": float(share),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def trial_device(requested: str, gpu_share: float) -> str:
+    """The device of a trial: ``train.device: auto`` means CUDA only if Ray gave the trial (a share
+    of) a GPU and torch sees one. Else CPU: a trial never uses a GPU it did not reserve, and on a
+    cluster that declares GPUs it does not have (a test cluster) it runs on CPU."""
+    if requested != "auto":
+        return requested
+    return "cuda" if gpu_share > 0 and torch.cuda.is_available() else "cpu"
+
+
+def memory_fraction(gpu_share: float) -> float | None:
+    """The CUDA memory cap of a trial holding ``gpu_share`` of one GPU (``gpu: 0.25``: a quarter of
+    its memory, so four evaluations fit on one GPU), or None for a whole GPU or none."""
+    return gpu_share if 0 < gpu_share < 1 else None
+
+
+def place_trial(requested: str, gpu_share: float) -> str:
+    """The trial's device (:func:`trial_device`); on CUDA with a fractional GPU, this process's
+    CUDA memory is capped to its share (``torch.cuda.set_per_process_memory_fraction``)."""
+    device = trial_device(requested, gpu_share)
+    fraction = memory_fraction(gpu_share)
+    if fraction is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    return device
 
 
 def open_trial_run(ctx: dict, point: dict, trial_id: str, extra_tags: dict[str, str]) -> MlflowRun:
@@ -174,7 +212,19 @@ def _finished_result(ctx: dict, point: dict, trial_id: str) -> dict | None:
     return None
 
 
-def _begin_trial(config: dict) -> tuple[dict, dict, str, str] | None:
+def _check_code(driver_code: dict | None, node: str) -> None:
+    """Fail (without retries: the driver sees ``code_mismatch``) if this node's ioulab is not the
+    driver's."""
+    if driver_code is None:
+        return
+    try:
+        check_same_code(driver_code, f"node {node}")
+    except CodeMismatchError as exc:
+        tune.report({"code_mismatch": str(exc), "node_id": node, "final": 0})
+        raise
+
+
+def _begin_trial(config: dict, driver_code: dict | None) -> tuple[dict, dict, str, str] | None:
     """(sweep context, grid point, node id, trial id) of a trial to run, or None when a restored
     trial had already finished: its final result is reported again and nothing else is touched."""
     ctx, point = config["ioulab"], point_of(config)
@@ -184,25 +234,36 @@ def _begin_trial(config: dict) -> tuple[dict, dict, str, str] | None:
     if finished is not None:
         tune.report({**finished, "node_id": node, "restored_final": 1})
         return None
+    _check_code(driver_code, node)
     _use_assigned_cpus()
     return ctx, point, node, trial_id
 
 
-def train_trial(config: dict) -> None:
-    """Tune trainable of the training stage."""
+def _gpu_tags(gpus: dict[str, Any], device: str) -> dict[str, str]:
+    return {"ioulab.device": device, "ioulab.gpu_ids": gpus["gpu_ids"], "ioulab.gpu_share": f"{gpus['gpu_share']:g}"}
+
+
+def train_trial(config: dict, driver_code: dict | None = None) -> None:
+    """Tune trainable of the training stage (``driver_code``: the driver's ioulab identity)."""
     started = time.perf_counter()
-    trial = _begin_trial(config)
+    trial = _begin_trial(config, driver_code)
     if trial is None:
         return
     ctx, point, node, trial_id = trial
     cfg = C.from_dict(ctx["config"], source="sweep config")
     C.apply_overrides(cfg, dict(point["overrides"]), source="sweep grid point")
     C.validate(cfg)  # as ioulab train (the driver checked it too, before Ray started)
+    gpus = gpu_assignment()
+    device = place_trial(cfg.train.device, gpus["gpu_share"])
+    if device != resolve_device(cfg.train.device).type:  # "auto" would take a GPU Ray did not give it
+        cfg.train.device = device
     out_dir = Path.cwd() / "run"
-    tracker = open_trial_run(ctx, point, trial_id, {"ioulab.node_id": node, "ioulab.run_dir": str(out_dir)})
+    tracker = open_trial_run(ctx, point, trial_id, {"ioulab.node_id": node, "ioulab.run_dir": str(out_dir),
+                                                    **_gpu_tags(gpus, device)})
     logger = _TeeLogger(tracker)
     start_iteration = _restore_checkpoint(out_dir, tracker)
-    base = {"node_id": node, "stage": "train", "point_index": point["index"], "final": 0}
+    base = {"node_id": node, "stage": "train", "point_index": point["index"], "final": 0,
+            "device": device, **gpus}
 
     def on_checkpoint(iteration: int, path: Path, metrics: dict[str, float] | None) -> None:
         values = {k: v for k, v in logger.latest.items() if k.startswith("loss/")}
@@ -245,14 +306,16 @@ def fetch_checkpoint(ref: str, dest: Path, tracking_uri: str) -> Path:
     return Path(ref.removeprefix("file://"))
 
 
-def eval_trial(config: dict) -> None:
+def eval_trial(config: dict, driver_code: dict | None = None) -> None:
     """Tune trainable of the evaluation stage: evaluate one checkpoint once, train nothing."""
     started = time.perf_counter()
-    trial = _begin_trial(config)
+    trial = _begin_trial(config, driver_code)
     if trial is None:
         return
     ctx, point, node, trial_id = trial
-    tags = {"ioulab.node_id": node, "ioulab.checkpoint": point["checkpoint"]}
+    gpus = gpu_assignment()
+    device = place_trial(ctx["config"]["train"].get("device", "auto"), gpus["gpu_share"])
+    tags = {"ioulab.node_id": node, "ioulab.checkpoint": point["checkpoint"], **_gpu_tags(gpus, device)}
     if point.get("train_run_id"):
         tags["ioulab.train_run_id"] = point["train_run_id"]
     if point.get("train_trial_id"):
@@ -261,7 +324,7 @@ def eval_trial(config: dict) -> None:
     out_dir = Path.cwd() / "eval"
     try:
         local = fetch_checkpoint(point["checkpoint"], out_dir / "input", ctx["tracking_uri"])
-        overrides = {**ctx["eval_overrides"], **point["overrides"]}
+        overrides = {**ctx["eval_overrides"], **point["overrides"], "train.device": device}
         metrics, cfg = evaluate_checkpoint(local, overrides, out_dir=out_dir, progress=False)
         step = ckpt_io.checkpoint_iteration(local) or 0
         (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
@@ -274,6 +337,7 @@ def eval_trial(config: dict) -> None:
         tracker.close("FAILED")
         raise
     _report({**metrics, "node_id": node, "stage": "eval", "point_index": point["index"], "final": 1,
-             "iteration": step, "trial_seconds": time.perf_counter() - started}, tracker, final=True)
+             "iteration": step, "trial_seconds": time.perf_counter() - started, "device": device, **gpus},
+            tracker, final=True)
     tracker.set_tags({"ioulab.trial_status": "FINISHED"})
     tracker.close("FINISHED")
