@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The MLflow tracking server of an ioulab cluster, with authentication (MLflow's basic-auth app).
 #
-#   platform/deploy/mlflow-server.sh STATE_DIR ARTIFACTS [HOST [PORT]]
+#   platform/deploy/mlflow-server.sh STATE_DIR ARTIFACTS [HOST [PORT [MLFLOW SERVER OPTIONS...]]]
 #
 # STATE_DIR  a folder on this machine's local disk, never NFS (SQLite locking is unreliable there):
 #            the run store mlflow.db and the user store basic_auth.db. Only this server writes them.
 # ARTIFACTS  where run artifacts go: shared storage every node reaches, or s3://bucket/prefix.
-# HOST PORT  the address to listen on (default 127.0.0.1 5000).
+# HOST PORT  the address to listen on (default 127.0.0.1 5000); further options go to `mlflow server`
+#            (e.g. --workers 2).
 #
 # Environment:
 #   MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters)  required: the admin user,
@@ -19,7 +20,7 @@
 #       "mlflow.internal:5000,10.0.0.5:5000"; others are refused (DNS-rebinding protection).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 STATE_DIR ARTIFACTS [HOST [PORT]]" >&2
+  echo "usage: $0 STATE_DIR ARTIFACTS [HOST [PORT [MLFLOW SERVER OPTIONS...]]]" >&2
   exit 2
 fi
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME (the MLflow admin user)}"
@@ -48,4 +49,4 @@ fi
 exec mlflow server --app-name basic-auth --host "$host" --port "$port" \
   --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$state/mlflow.db}" \
   --artifacts-destination "$artifacts" \
-  --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-$host:$port}"
+  --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-$host:$port}" "${@:5}"
