@@ -105,10 +105,10 @@ def recipe_scripts() -> dict[str, str]:
             scripts[f"ray-cluster.yaml {key}[{i}]"] = command
     scripts["rayjob.yaml entrypoint"] = rayjob()["spec"]["entrypoint"]
     for doc in k8s():
-        for pod in _pod_specs(doc):
+        for p, pod in enumerate(_pod_specs(doc)):
             for c in pod.get("initContainers", []) + pod.get("containers", []):
                 if c.get("command"):
-                    scripts[f"rayjob.yaml {doc['kind']} {c['name']}"] = shlex.join(c["command"] + c.get("args", []))
+                    scripts[f"rayjob.yaml {doc['kind']} pod {p} {c['name']}"] = shlex.join(c["command"] + c.get("args", []))
     for i, (word, args) in enumerate(dockerfile()):
         if word == "RUN":
             scripts[f"Dockerfile RUN[{i}]"] = args
