@@ -11,11 +11,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of, wait_for_http
+from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of
 
 pytestmark = pytest.mark.cluster
 
@@ -25,6 +27,7 @@ class RayHead:
     signalling its process group (``ray stop`` would stop every Ray on the machine)."""
 
     def __init__(self, env: dict[str, str]):
+        self.env = env
         self.temp_dir = tempfile.mkdtemp(prefix="ioulab-ray-", dir="/tmp")  # short: socket paths
         self.port, self.dashboard_port = free_port(), free_port()
         ports = {"--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
@@ -41,7 +44,19 @@ class RayHead:
                                      start_new_session=True, env=env)
 
     def wait(self, timeout: float = 120) -> None:
-        wait_for_http(f"{self.address}/api/version", self.proc, self.log, timeout, "ray start --head")
+        """Until the Jobs API answers (with the token: it answers 401 to everyone else)."""
+        deadline = time.monotonic() + timeout
+        request = urllib.request.Request(f"{self.address}/api/version",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, Path(self.log).read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"ray start --head did not come up: {Path(self.log).read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -78,7 +93,8 @@ def test_ray_job_submit_runs_the_sweep(tiny_sets, tmp_path):
 
         # Refused: no token, and a wrong one (the Jobs API would otherwise run anyone's code).
         (tmp_path / "home").mkdir()
-        for env, answer in ((auth_env(None, tmp_path / "home"), "401"), (auth_env("0" * 64, tmp_path), "403")):
+        for env, answer in ((auth_env(None, tmp_path / "home"), "Authentication required"),
+                            (auth_env("0" * 64, tmp_path), "Authentication failed")):
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
             assert out.returncode != 0 and answer in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
         assert not storage.exists()
