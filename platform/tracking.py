@@ -43,10 +43,16 @@ MAX_PARAM_LEN = 6000
 # Error codes for a record the server will never accept (as opposed to an outage).
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 RECORD_KINDS = {"params", "metrics", "tags", "artifact", "end"}
+# A server with authentication refusing this process's credentials: a setup error, not an outage.
+AUTH_ERRORS = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
 
 
 class SpoolError(UserError, ValueError):
     """A spool file that is refused (another tracking server, files outside its folder, bad JSON)."""
+
+
+class TrackingAuthError(UserError):
+    """The tracking server refused the credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
 
 
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
@@ -116,7 +122,8 @@ class MlflowRun:
             these tags (they are set on a new run too).
         spool: JSON-lines file for whatever cannot be delivered by ``close()``.
         run_id: attach to this existing run instead.
-        connect: try to reach the server now (otherwise at the first logging call).
+        connect: try to reach the server now (otherwise at the first logging call); a server
+            that refuses the credentials raises :class:`TrackingAuthError` then.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
@@ -144,7 +151,7 @@ class MlflowRun:
         self._failures = 0  # consecutive failed attempts: the retry interval doubles up to max_retry_seconds
         self.max_retry_seconds = max(retry_seconds, 120.0)
         if connect:
-            self._flush(force=True)
+            self._flush(force=True, raise_auth=True)
 
     # -- RunLogger protocol --------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -294,7 +301,7 @@ class MlflowRun:
         elif kind == "end":
             c.set_terminated(run_id, status=payload)
 
-    def _flush(self, force: bool = False) -> None:
+    def _flush(self, force: bool = False, raise_auth: bool = False) -> None:
         if not force and time.monotonic() < self._next_try:
             return
         try:
@@ -315,6 +322,13 @@ class MlflowRun:
                       file=sys.stderr)
                 self._warned = False
         except Exception as exc:  # network, timeout, server 5xx, DB locked: never kill training
+            if raise_auth and getattr(exc, "error_code", None) in AUTH_ERRORS:
+                who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                who = f"user {who!r}" if who else "a client without credentials"
+                raise TrackingAuthError(
+                    f"MLflow at {self.tracking_uri} refused {who} ({exc.error_code}): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on a cluster: in the "
+                    "environment of every node's `ray start`)") from None
             self._failures += 1
             delay = self.retry_seconds * 2 ** min(self._failures - 1, 16)
             self._next_try = time.monotonic() + min(delay, self.max_retry_seconds)
