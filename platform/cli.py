@@ -6,7 +6,7 @@
     ioulab sweep SPACE.yaml                 a Ray Tune sweep (search_spaces/)
     ioulab report SWEEP / ioulab compare RUN...   ablation tables from MLflow
     ioulab selftest [--device cpu|cuda]     check a node: op, AMP training, inference modes, timers
-    ioulab bench {train,prroi,nms,latency,sweep}   benchmarks: a table, and JSON with --json
+    ioulab bench {train,prroi,nms,latency,sweep,eval}   benchmarks: a table, and JSON with --json
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ BENCHES = {
     "nms": "ioulab.platform.bench.nms",
     "latency": "ioulab.platform.bench.latency",
     "sweep": "ioulab.platform.bench.sweep",
+    "eval": "ioulab.platform.bench.eval",
 }
 COMMANDS = {
     "train": "ioulab.platform.commands.train",

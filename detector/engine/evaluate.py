@@ -1,4 +1,4 @@
-"""COCO evaluation: run the detector over a dataset, write COCO results, score with pycocotools.
+"""COCO evaluation: run the detector over a dataset, write COCO results, score them like pycocotools.
 
 Metrics are in percent: ``AP`` (IoU .50:.95), ``AP50 AP60 AP70 AP75 AP80 AP90`` (AP at one IoU
 threshold, read from COCOeval's precision array — the columns of the papers' tables) and
@@ -7,44 +7,38 @@ threshold, read from COCOeval's precision array — the columns of the papers' t
 from __future__ import annotations
 
 import contextlib
-import io
-import math
+import gzip
+import json
+from pathlib import Path
 
-import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-METRIC_KEYS = ["AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "APs", "APm", "APl"]
-THRESHOLD_KEYS = {"AP50": 0.50, "AP60": 0.60, "AP70": 0.70, "AP75": 0.75, "AP80": 0.80, "AP90": 0.90}
+from ioulab.detector.engine import cocoeval
+from ioulab.detector.engine.cocoeval import METRIC_KEYS  # noqa: F401  (re-exported)
+
+# What an evaluation with ``out_dir`` writes and a tracked run logs: the metrics, the detections
+# (gzip) and the per-image matching (``cocoeval.Matches``), so that two runs on the same
+# validation set can be compared image by image later (``ioulab compare``, ``ioulab report``).
+EVAL_ARTIFACTS = ("metrics.json", "detections.json.gz", "eval_matches.npz")
 
 
-def _ap_at(precision: np.ndarray, iou_thrs: np.ndarray, threshold: float) -> float:
-    """precision: COCOeval ``eval["precision"]`` [T, R, K, A, M]; area "all", maxDets 100."""
-    t = int(np.argmin(np.abs(iou_thrs - threshold)))
-    p = precision[t, :, :, 0, -1]
-    p = p[p > -1]
-    return float(p.mean()) if p.size else float("nan")
+def coco_metrics(coco_gt, detections: list[dict]) -> dict[str, float]:
+    """Score COCO-format ``detections`` against ``coco_gt``; all keys of METRIC_KEYS, in percent,
+    equal to pycocotools' COCOeval (computed by faster-coco-eval when installed). An area range
+    without ground truth (COCOeval's -1) and no detections at all score 0."""
+    return cocoeval.evaluate(coco_gt, detections)
 
 
-def coco_metrics(coco_gt: COCO, detections: list[dict]) -> dict[str, float]:
-    """Score COCO-format ``detections`` against ``coco_gt``; all keys of METRIC_KEYS, in percent.
-    No detections at all scores 0 (pycocotools cannot load an empty result list)."""
-    if not detections:
-        return {k: 0.0 for k in METRIC_KEYS}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a lot
-        coco_dt = coco_gt.loadRes(detections)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    metrics = {"AP": ev.stats[0], "APs": ev.stats[3], "APm": ev.stats[4], "APl": ev.stats[5]}
-    for key, thr in THRESHOLD_KEYS.items():
-        metrics[key] = _ap_at(ev.eval["precision"], ev.params.iouThrs, thr)
-    # COCOeval uses -1 for "no ground truth in this area range": report 0 rather than -100.
-    return {k: (100.0 * float(metrics[k]) if metrics[k] >= 0 and not math.isnan(metrics[k]) else 0.0)
-            for k in METRIC_KEYS}
+def write_eval_outputs(out_dir: Path, coco_gt, detections: list[dict], metrics: dict[str, float]) -> None:
+    """``metrics.json``, ``detections.json`` (+ ``.gz``, what is logged) and ``eval_matches.npz``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(detections)
+    (out_dir / "detections.json").write_text(text)
+    with gzip.open(out_dir / "detections.json.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    cocoeval.match(coco_gt, detections).save(out_dir / "eval_matches.npz")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_cat_id: list[int]) -> list[dict]:
@@ -76,21 +70,15 @@ def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_i
 def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], inference, device,
                    num_workers: int = 0, out_dir=None, progress: bool = True, amp=None) -> dict[str, float]:
     """Predict on ``dataset`` (a CocoDetection) and score it, under ``amp`` (the training's AMP
-    policy, None: off). With ``out_dir``, writes ``detections.json`` (COCO results) and
-    ``metrics.json`` there."""
-    import json
-    from pathlib import Path
-
+    policy, None: off). With ``out_dir``, writes ``detections.json`` (COCO results) and the
+    EVAL_ARTIFACTS there."""
     from ioulab.detector.data.loader import build_eval_loader
 
     loader = build_eval_loader(dataset, inference.batch_size, num_workers)
     detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp)
     metrics = coco_metrics(dataset.coco, detections)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "detections.json").write_text(json.dumps(detections))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_eval_outputs(Path(out_dir), dataset.coco, detections, metrics)
     return metrics
 
 
@@ -100,8 +88,6 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
     Only test-time keys (``inference.*``) and data locations may differ from the stored config; a
     change of ``model.*`` fails with the keys that differ. Returns (model, cfg, dataset_info, device).
     """
-    from pathlib import Path
-
     from ioulab.detector import config as C
     from ioulab.detector.engine import checkpoint as ckpt_io
     from ioulab.detector.engine.train import resolve_device

@@ -26,7 +26,7 @@ from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint as ckpt_io
 from ioulab.detector.engine.amp import amp_policy
 from ioulab.detector.engine.datasets import build_datasets
-from ioulab.detector.engine.evaluate import evaluate_model
+from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model
 from ioulab.detector.engine.events import NullLogger, RunLogger
 from ioulab.detector.data.loader import InfiniteLoader
 from ioulab.detector.errors import UserError
@@ -249,7 +249,7 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
     metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference, device,
                              num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress, amp=amp)
     logger.log_metrics(metrics, total)
-    for artifact in ("config.yaml", "metrics.json"):
+    for artifact in ("config.yaml", *EVAL_ARTIFACTS):
         logger.log_artifact(out_dir / artifact)
     if on_checkpoint is not None:
         on_checkpoint(total, path, metrics)

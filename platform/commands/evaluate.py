@@ -22,7 +22,7 @@ def run(args) -> int:
     from ioulab.detector.engine import checkpoint as ckpt_io
     from ioulab.detector.engine.amp import amp_policy
     from ioulab.detector.engine.datasets import build_dataset
-    from ioulab.detector.engine.evaluate import evaluate_model, load_trained
+    from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model, load_trained
 
     ckpt_io.check_file(args.checkpoint)  # a missing or broken file fails before any MLflow run
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -40,8 +40,8 @@ def run(args) -> int:
         if tracker is not None:
             tracker.log_params(C.flatten(cfg))
             tracker.log_metrics(metrics, 0)
-            tracker.log_artifact(out / "metrics.json")
-            tracker.log_artifact(out / "config.yaml")
+            for artifact in ("config.yaml", *EVAL_ARTIFACTS):
+                tracker.log_artifact(out / artifact)
         status = "FINISHED"
     finally:
         if tracker is not None:

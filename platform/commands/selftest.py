@@ -235,30 +235,19 @@ def check_inference_mode(device, checkpoint: Path, mode: str) -> tuple[bool, str
 # --- timers -----------------------------------------------------------------------------------
 
 def check_timer_sync(device) -> tuple[bool, str]:
-    """The bench timer synchronises ``device`` before it starts and before it stops the clock.
+    """The bench timer synchronises ``device`` before it starts and before it stops the clock
+    (:func:`~ioulab.platform.bench.timing.timer_synchronises`, which records the calls and needs no
+    GPU).
 
-    On CUDA it also times a queue of matrix products both ways: the synchronised timer must see
-    the GPU's work (within 2x of CUDA events), which an unsynchronised timer does not."""
+    On CUDA it also times a queue of matrix products: the synchronised timer must see the GPU's
+    work (within 2x of CUDA events), which an unsynchronised timer does not."""
     import torch
 
-    from ioulab.platform.bench import common
+    from ioulab.platform.bench import timing
 
-    calls: list[str] = []
-    real = torch.cuda.synchronize
-
-    def recording_sync(*args, **kwargs):
-        calls.append("sync")
-        if device.type == "cuda":
-            real(*args, **kwargs)
-
-    torch.cuda.synchronize = recording_sync
-    try:
-        common.time_call(lambda: calls.append("work"), repeats=1, warmup=0, device=device)
-    finally:
-        torch.cuda.synchronize = real
-    expected = ["sync", "work", "sync"] if device.type == "cuda" else ["work"]
-    if calls != expected:
-        return False, f"calls {calls}, expected {expected}"
+    if not timing.timer_synchronises(device):
+        want = "sync, clock, body, sync, clock" if device.type == "cuda" else "no synchronisation"
+        return False, f"the bench timer does not synchronise {device.type} as needed (expected {want})"
     if device.type != "cuda":
         return True, "no device synchronisation needed on CPU (and none made)"
     a = torch.randn(4096, 4096, device=device)
@@ -267,7 +256,7 @@ def check_timer_sync(device) -> tuple[bool, str]:
         for _ in range(20):
             a @ a
 
-    timed = common.time_call(work, repeats=3, warmup=1, device=device)
+    timed = timing.time_call(work, repeats=3, warmup=1, device=device)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     work()

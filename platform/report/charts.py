@@ -14,7 +14,7 @@ from ioulab.platform.report.table import LAMBDA_KEY, ResultsTable, Series
 
 THRESHOLDS = (("AP50", 50), ("AP60", 60), ("AP70", 70), ("AP80", 80), ("AP90", 90))
 MAX_LINES = 10
-GOOD, BAD, BASE = "#2e7d32", "#c62828", "#546e7a"
+GOOD, BAD, BASE, NOISE = "#2e7d32", "#c62828", "#546e7a", "#9e9e9e"
 
 
 def _figure(width: float = 7.0, height: float = 4.2) -> Figure:
@@ -78,12 +78,24 @@ def threshold_figure(table: ResultsTable) -> Figure:
 
 
 def delta_figure(table: ResultsTable) -> Figure:
-    """ΔAP of every variant against the baseline, as horizontal bars (green up, red down)."""
+    """ΔAP of every variant against the baseline, as horizontal bars (green up, red down) with
+    their 95 % bootstrap intervals as error bars; a bar whose interval contains 0 is grey."""
     rows = [r for r in table.rows if r is not table.baseline and table.delta_ap(r) is not None]
     fig = _figure(height=max(2.0, 0.35 * len(rows) + 1.2))
     ax = fig.add_subplot()
     deltas = [table.delta_ap(r) for r in rows]
-    ax.barh(range(len(rows)), deltas, color=[GOOD if d >= 0 else BAD for d in deltas])
+    intervals = [table.interval(r, "AP") for r in rows]
+    colors = [NOISE if iv is not None and not iv.excludes_zero else GOOD if d >= 0 else BAD
+              for d, iv in zip(deltas, intervals)]
+    ax.barh(range(len(rows)), deltas, color=colors)
+    with_ci = [(i, d, iv) for i, (d, iv) in enumerate(zip(deltas, intervals)) if iv is not None]
+    if with_ci:
+        ys = [i for i, _, _ in with_ci]
+        xs = [d for _, d, _ in with_ci]
+        err = [[max(d - iv.low, 0.0) for _, d, iv in with_ci], [max(iv.high - d, 0.0) for _, d, iv in with_ci]]
+        ax.errorbar(xs, ys, xerr=err, fmt="none", ecolor="black", elinewidth=1.2, capsize=4,
+                    label="95 % interval (paired bootstrap)")
+        ax.legend(fontsize=8, loc="best")
     ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from ioulab.platform.report import charts as CH
 from ioulab.platform.report import table as T
+from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, MatchStore, attach_intervals
 from ioulab.platform.report.render import Chart, Report, results_markdown, status_line, to_html, to_markdown
 from ioulab.platform.report.runs import ReportError, Sweep, load_sweep, parent_latency
 
@@ -33,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="`ioulab bench latency --json` output to render as the inference-speed table "
                         "(default: the parent run's latency.json artifact, if any)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    add_interval_arguments(p)
+
+
+def add_interval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples for the Δ intervals (0: no intervals)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
 
 
 def add_tracking_argument(p: argparse.ArgumentParser) -> None:
@@ -83,7 +91,8 @@ def _is_mlflow_sqlite(path: Path) -> bool:
 
 
 def build_report(client, sweep_name: str, baseline: list[str] | None = None,
-                 latency: dict | None = None) -> tuple[Report, Sweep]:
+                 latency: dict | None = None, resamples: int = DEFAULT_RESAMPLES,
+                 bootstrap_seed: int = 0) -> tuple[Report, Sweep]:
     """Everything the report shows, from the sweep's runs (no files written)."""
     sweep = load_sweep(client, sweep_name)
     shown = T.result_trials(sweep.trials)
@@ -106,6 +115,10 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
                     keys={labels[k]: k for k in ident}, trials=sweep.trials, notes=list(sweep.notes))
     report.meta = _meta(client, sweep, ident, base, source if spec else "first variant")
     report.variant_of = _variant_names(sweep, shown, variants, ident, labels)
+    if any(T.is_nms_key(k) for k in ident):
+        report.nms = T.nms_blocks(shown, ident, base.values if base is not None else spec)
+    if resamples > 0:
+        attach_intervals(table, MatchStore(client), report.nms, resamples, bootstrap_seed)
     if T.LAMBDA_KEY in ident:
         series = T.lambda_series(shown, varying)
         best = "; ".join(f"{s.label}: best λ={s.best[0]:g} (AP {s.best[1]:.1f})" for s in series)
@@ -115,10 +128,9 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
         report.charts.append(Chart("ap_by_iou", "AP at each IoU threshold",
                                    CH.png_bytes(CH.threshold_figure(table))))
     if base is not None and len(table.rows) > 1:
-        report.charts.append(Chart("delta_ap", "ΔAP against the baseline",
+        report.charts.append(Chart("delta_ap", "ΔAP against the baseline" +
+                                   (" (95 % bootstrap intervals)" if table.intervals else ""),
                                    CH.png_bytes(CH.delta_figure(table))))
-    if any(T.is_nms_key(k) for k in ident):
-        report.nms = T.nms_blocks(shown, ident, base.values if base is not None else spec)
     report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
     return report, sweep
 
@@ -175,7 +187,8 @@ def run(args) -> int:
     client = client_for(args)
     try:
         latency = json.loads(Path(args.latency).read_text()) if args.latency else None
-        report, sweep = build_report(client, args.sweep, args.baseline, latency)
+        report, sweep = build_report(client, args.sweep, args.baseline, latency, args.resamples,
+                                     args.bootstrap_seed)
     except ReportError as exc:
         print(f"ioulab report: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
 One row per run, in the order given, named by the params that differ among the runs; the baseline
 (``--baseline RUN_ID``, default the first run) comes first, and the Improvement row is the best run
-by AP minus the baseline. Works on sweep trials and on single ``ioulab train`` runs alike (both log
-dotted config keys as params and ``AP``, ``AP50``, ... as metrics).
+by AP minus the baseline; Δ columns carry paired-bootstrap intervals when the runs logged their
+per-image matching (``eval_matches.npz``). Works on sweep trials and on single ``ioulab train``
+runs alike (both log dotted config keys as params and ``AP``, ``AP50``, ... as metrics).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from collections import Counter
 from mlflow.exceptions import MlflowException
 
 from ioulab.platform.report import table as T
-from ioulab.platform.report.command import add_tracking_argument, client_for
+from ioulab.platform.report.command import add_interval_arguments, add_tracking_argument, client_for
+from ioulab.platform.report.intervals import MatchStore, attach_intervals
 from ioulab.platform.report.render import results_markdown
 from ioulab.platform.report.runs import ReportError, Trial, load_runs
 
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_tracking_argument(p)
     p.add_argument("--baseline", metavar="RUN_ID", default=None,
                    help="the baseline run (default: the first); added to the table if not listed")
+    add_interval_arguments(p)
 
 
 def compare_table(trials: list[Trial],
@@ -59,6 +62,8 @@ def run(args) -> int:
         print(f"ioulab compare: MLflow at {client.tracking_uri}: {exc}", file=sys.stderr)
         return 2
     table, keys = compare_table(trials, args.baseline)
+    if args.resamples > 0:
+        attach_intervals(table, MatchStore(client), resamples=args.resamples, seed=args.bootstrap_seed)
     print(results_markdown(table))
     aliases = [f"{s} = {k}" for s, k in keys.items() if s != k]
     if aliases:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import (MISSING, NMS_METRICS, NmsBlock, ResultsTable, fmt, fmt_cell,
-                                          fmt_delta, status_counts)
+                                          fmt_delta, fmt_interval, status_counts, verdict)
 
 
 @dataclass
@@ -37,31 +37,48 @@ class Report:
 # --------------------------------------------------------------------------------------------
 # Table model shared by both renderers: header + rows of (text, css class)
 # --------------------------------------------------------------------------------------------
-Cell = tuple[str, str]   # (text, class: "" | "num" | "pos" | "neg" | "name")
+Cell = tuple[str, str]   # (text, class: "" | "num" | "pos" | "neg" | "noise" | "name")
+SIGNIFICANT = " *"       # marks a Δ whose 95 % interval excludes 0
 
 
-def _delta_cell(value: float | None) -> Cell:
-    text = fmt_delta(value)
+def _delta_cell(value: float | None, interval=None, mark: bool = False) -> Cell:
+    """Δ (with its interval when there is one): green/red when the interval excludes 0 (or, with
+    no interval, by its sign), grey "noise" when the interval contains 0."""
+    text = fmt_interval(value, interval)
+    if interval is not None:
+        if not interval.excludes_zero:
+            return text, "noise"
+        text += SIGNIFICANT if mark else ""
     return text, ("pos" if text.startswith("+") else "neg" if text.startswith("\u2212") else "num")
 
 
 def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], list[list[Cell]], list[str]]:
-    """Header, body rows and row classes of the papers' table (+ ΔAP, n, std when ``stats``)."""
-    header = ["Variant", *table.columns] + (["ΔAP", "n", "AP std"] if stats else [])
+    """Header, body rows and row classes of the papers' table (+ ΔAP, n, std when ``stats``;
+    with bootstrap intervals the ΔAP column shows them and a "vs baseline" column says whether
+    the difference is real)."""
+    ci = bool(table.intervals)
+    header = ["Variant", *table.columns]
+    if stats:
+        header += (["ΔAP [95 % CI]", "vs baseline"] if ci else ["ΔAP"]) + ["n", "AP std"]
     rows, classes = [], []
     for v in table.rows:
         is_base = v is table.baseline
         cells: list[Cell] = [(v.name + (" (baseline)" if is_base else ""), "name")]
         cells += [(fmt(v.mean(c)), "num") for c in table.columns]
         if stats:
-            cells += [("baseline", "num") if is_base else _delta_cell(table.delta_ap(v)),
-                      (str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
+            interval = table.interval(v, "AP")
+            cells += [("baseline", "num") if is_base else _delta_cell(table.delta_ap(v), interval)]
+            if ci:
+                cells += [("", "") if is_base else (verdict(interval) or "no interval", "")]
+            cells += [(str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
         rows.append(cells)
         classes.append("baseline" if is_base else "best" if v is table.best else "")
     if table.improvement is not None:
         cells = [("Improvement", "name")]
-        cells += [_delta_cell(table.improvement.get(c)) for c in table.columns]
-        cells += [("", "")] * (3 if stats else 0)
+        cells += [_delta_cell(table.improvement.get(c), table.improvement_interval(c), mark=True)
+                  for c in table.columns]
+        if stats:
+            cells += [("", "")] + ([(verdict(table.improvement_interval("AP")), "")] if ci else []) + [("", "")] * 2
         rows.append(cells)
         classes.append("improvement")
     return header, rows, classes
@@ -70,17 +87,25 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
 def improvement_caption(table: ResultsTable) -> str:
     if table.improvement is None:
         return ""
-    return f"Improvement = best variant by AP ({table.best.name}) − baseline ({table.baseline.name})."
+    text = f"Improvement = best variant by AP ({table.best.name}) − baseline ({table.baseline.name})."
+    if table.intervals:
+        text += (" Δ [95 % interval]: paired bootstrap over the validation images (and the seeds); "
+                 f"{SIGNIFICANT.strip()} = the interval excludes 0 (a real difference), otherwise within noise. "
+                 "The best of several noisy variants is biased upwards: read its interval, not its Δ.")
+    return text
 
 
 def nms_rows(block: NmsBlock) -> tuple[list[str], list[list[Cell]], list[str]]:
-    header = ["Inference setting", *NMS_METRICS, "ΔAP", "ΔAP75", "n"]
+    ci = bool(block.intervals)
+    header = ["Inference setting", *NMS_METRICS] + (["ΔAP [95 % CI]", "ΔAP75 [95 % CI]"] if ci else
+                                                      ["ΔAP", "ΔAP75"]) + ["n"]
     rows, classes = [], []
     for v in block.rows:
         is_base = v is block.baseline
         cells: list[Cell] = [(v.name + (" (baseline)" if is_base else ""), "name")]
         cells += [(fmt(v.mean(m)), "num") for m in NMS_METRICS]
-        cells += [_delta_cell(block.delta(v, "AP")), _delta_cell(block.delta(v, "AP75")), (str(v.n), "num")]
+        cells += [_delta_cell(block.delta(v, m), block.interval(v, m), mark=True) for m in ("AP", "AP75")]
+        cells += [(str(v.n), "num")]
         rows.append(cells)
         classes.append("baseline" if is_base else "")
     return header, rows, classes
@@ -120,7 +145,7 @@ def _md_escape(text: str) -> str:
     return " ".join(text.replace("|", "\\|").splitlines())
 
 
-NUMERIC = ("num", "pos", "neg")
+NUMERIC = ("num", "pos", "neg", "noise")
 
 
 def _numeric_columns(header: list[str], rows: list[list[Cell]]) -> list[bool]:
@@ -144,7 +169,7 @@ def table_notes(table: ResultsTable) -> list[str]:
     out = [improvement_caption(table)] if table.improvement is not None else []
     if table.no_results:
         out.append("No finished trial: " + "; ".join(v.name for v in table.no_results))
-    return out + [f"Note: {n}" for n in table.notes]
+    return out + list(table.stats_notes) + [f"Note: {n}" for n in table.notes]
 
 
 def results_markdown(table: ResultsTable) -> str:
@@ -193,7 +218,8 @@ dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; font-family: ui-monospa
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; }
 th, td { padding: 0.35em 0.8em; border-bottom: 1px solid #e3e3e3; }
 th { background: #f3f5f7; text-align: left; } th.num { text-align: right; }
-td.num, td.pos, td.neg { text-align: right; font-variant-numeric: tabular-nums; }
+td.num, td.pos, td.neg, td.noise { text-align: right; font-variant-numeric: tabular-nums; }
+td.noise { color: #8a8f96; } td.pos, td.neg, td.noise { white-space: nowrap; }
 td.pos { color: #2e7d32; font-weight: 600; } td.neg { color: #c62828; font-weight: 600; }
 td.mono { font-family: ui-monospace, monospace; font-size: 0.85em; color: #555; }
 tr.baseline td { background: #f6f8fa; } tr.best td.name { font-weight: 600; }

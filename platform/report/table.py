@@ -227,6 +227,16 @@ class ResultsTable:
     improvement: dict[str, float] | None     # best - baseline per column
     no_results: list[Variant] = field(default_factory=list)   # variants without a finished trial
     notes: list[str] = field(default_factory=list)
+    # bootstrap intervals of row - baseline (platform/report/intervals.py): variant name -> metric
+    # -> Interval (``delta``, ``low``, ``high``, ``excludes_zero``); empty when unavailable
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats_notes: list[str] = field(default_factory=list)       # resolution, unavailable intervals
+
+    def interval(self, row: Variant, metric: str):
+        return self.intervals.get(row.name, {}).get(metric)
+
+    def improvement_interval(self, metric: str):
+        return None if self.best is None else self.interval(self.best, metric)
 
     def delta_ap(self, row: Variant) -> float | None:
         if self.baseline is None or row is self.baseline:
@@ -308,6 +318,10 @@ class NmsBlock:
     model: str                 # the trained model's name ("" when there is one)
     rows: list[Variant]        # inference settings, baseline first
     baseline: Variant
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)   # as ResultsTable's
+
+    def interval(self, row: Variant, metric: str):
+        return self.intervals.get(row.name, {}).get(metric)
 
     def delta(self, row: Variant, metric: str) -> float | None:
         if row is self.baseline:
@@ -358,6 +372,23 @@ def fmt_delta(value: float | None, digits: int = 1) -> str:
     if float(text) == 0:
         return text
     return ("+" if value > 0 else MINUS) + text
+
+
+def fmt_interval(delta: float | None, interval, digits: int = 1) -> str:
+    """``+0.3 [−1.8, +2.4]``: Δ and its 95 % bootstrap interval (just Δ without an interval)."""
+    if interval is None:
+        return fmt_delta(delta, digits)
+    while digits < 3 and interval.excludes_zero and \
+            0.0 in (float(f"{interval.low:.{digits}f}"), float(f"{interval.high:.{digits}f}")):
+        digits += 1   # a real difference whose bound rounds to 0: show it with one more digit
+    return f"{fmt_delta(delta, digits)} [{fmt_delta(interval.low, digits)}, {fmt_delta(interval.high, digits)}]"
+
+
+def verdict(interval) -> str:
+    """"real" when the 95 % interval excludes 0, else "within noise" ("" without an interval)."""
+    if interval is None:
+        return ""
+    return "real (95 %)" if interval.excludes_zero else "within noise"
 
 
 def fmt_cell(column: str, value: Any) -> str:

@@ -39,7 +39,7 @@ from ray import tune
 
 from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint as ckpt_io
-from ioulab.detector.engine.evaluate import evaluate_checkpoint
+from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_checkpoint
 from ioulab.detector.engine.train import resolve_device, train
 from ioulab.platform.sweep.codecheck import CodeMismatchError, check_same_code
 from ioulab.platform.tracking import PARENT_TAG, MlflowRun
@@ -330,8 +330,8 @@ def eval_trial(config: dict, driver_code: dict | None = None) -> None:
         (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
         tracker.log_params(C.flatten(cfg))
         tracker.log_metrics(metrics, step)
-        tracker.log_artifact(out_dir / "config.yaml")
-        tracker.log_artifact(out_dir / "metrics.json")
+        for artifact in ("config.yaml", *EVAL_ARTIFACTS):
+            tracker.log_artifact(out_dir / artifact)
     except BaseException:
         tracker.set_tags({"ioulab.trial_status": "FAILED"})
         tracker.close("FAILED")

@@ -40,16 +40,24 @@ def test_prroi_check_catches_a_wrong_kernel(monkeypatch):
 
 def test_timer_check_fails_without_synchronisation(monkeypatch):
     """Told the device is CUDA, a timer that never synchronises fails the check (no GPU needed:
-    the check records the calls before it touches the device)."""
-    from ioulab.platform.bench import common
+    the check records the synchronisation calls instead of making them)."""
+    import contextlib
+    import time
 
-    def unsynced(fn, repeats, warmup=1, device=None):
-        fn()
-        return 0.0
+    from ioulab.platform.bench import timing
 
-    monkeypatch.setattr(common, "time_call", unsynced)
+    @contextlib.contextmanager
+    def unsynced(device):
+        watch = timing.Stopwatch()
+        start = time.perf_counter()
+        yield watch
+        watch.seconds = time.perf_counter() - start
+
+    passed, detail = selftest.check_timer_sync(torch.device("cpu"))
+    assert passed, detail
+    monkeypatch.setattr(timing, "timed", unsynced)
     passed, detail = selftest.check_timer_sync(torch.device("cuda"))
-    assert not passed and "expected ['sync', 'work', 'sync']" in detail
+    assert not passed and "does not synchronise cuda" in detail, detail
 
 
 def test_cuda_without_gpu_is_one_line_error(capsys):

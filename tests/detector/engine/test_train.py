@@ -1,9 +1,11 @@
+import gzip
 import json
 
 import pytest
 import torch
 
 from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine.cocoeval import Accumulator, Matches
 from ioulab.detector.engine.evaluate import evaluate_checkpoint, load_trained
 from ioulab.detector.engine.train import NonFiniteLossError, lr_factor, train
 from ioulab.detector import config as C
@@ -39,7 +41,12 @@ def test_train_writes_outputs_and_logs(tiny_cfg, tmp_path):
     assert {"loss/classifier", "loss/box_reg", "loss/objectness", "loss/rpn_box_reg",
             "loss/box_reg_weighted", "stat/box_iou_pos", "lr"} <= set(logged)
     assert all(torch.isfinite(torch.tensor(v)) for v in logged.values())
-    assert sorted(rec.artifacts) == ["config.yaml", "metrics.json"]
+    # the final evaluation's detections and per-image matching are logged too (paired comparisons)
+    assert sorted(rec.artifacts) == ["config.yaml", "detections.json.gz", "eval_matches.npz", "metrics.json"]
+    with gzip.open(run / "detections.json.gz", "rt") as f:
+        assert json.load(f) == json.loads((run / "detections.json").read_text())
+    matches = Matches.load(run / "eval_matches.npz")
+    assert Accumulator(matches, ["AP", "AP50"])()["AP"][0] == pytest.approx(metrics["AP"], abs=1e-6)
     assert len((run / "log.jsonl").read_text().splitlines()) == 4
 
 

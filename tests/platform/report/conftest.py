@@ -79,3 +79,20 @@ def store(tmp_path_factory):
     # 5. A plain `ioulab train` run in another experiment.
     ids["single"] = st.single_run("ioulab", {LOSS: "ciou"}, ap(38.4, 58.1, 54.0, 47.1, 35.2, 15.1))
     return SimpleNamespace(uri=st.uri, client=st.client, ids=ids, root=st.artifacts.parent)
+
+
+@pytest.fixture(scope="session")
+def ci_store(tmp_path_factory):
+    """A sweep whose trials logged their per-image matching (eval_matches.npz), three seeds per
+    box loss: giou is smooth_l1 with its scores shuffled a little (no real difference), ciou sees
+    the ground truth on half of the images (clearly better)."""
+    from tests.platform.report.store import matched_variants
+
+    st = SweepStore(tmp_path_factory.mktemp("mlflow_ci"))
+    p = st.parent("ci", [LOSS, "train.seed"], {LOSS: "smooth_l1"})
+    ids = {"parent": p}
+    for loss, seeds in matched_variants(tmp_path_factory.mktemp("matches")).items():
+        for seed, (metrics, path) in enumerate(seeds):
+            rid = ids[f"{loss}{seed}"] = st.trial(p, "ci", f"{loss}-{seed}", {LOSS: loss, "train.seed": seed}, metrics)
+            st.client.log_artifact(rid, str(path))
+    return SimpleNamespace(uri=st.uri, client=st.client, ids=ids)

@@ -78,3 +78,28 @@ def ap(AP, AP50, AP60, AP70, AP80, AP90, AP75=None):
     out["AP75"] = AP75 if AP75 is not None else (AP70 + AP80) / 2
     out.update({"APs": AP - 10, "APm": AP, "APl": AP + 10})
     return out
+
+
+def matched_variants(folder) -> dict[str, list[tuple[dict, object]]]:
+    """{box loss: [(metrics, path of eval_matches.npz) per seed]} from the synthetic bench set."""
+    import numpy as np
+
+    from ioulab.detector.engine import cocoeval as CE
+    from ioulab.platform.bench.eval import synthetic_eval_set
+
+    gt, dets, _ = synthetic_eval_set(80, 6, 30, seed=11)
+    half = {img["id"] for img in gt["images"][:40]}
+    oracle = [d for d in dets if d["image_id"] not in half] + [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"] if a["image_id"] in half]
+    out = {}
+    for loss, base in (("smooth_l1", dets), ("giou", dets), ("ciou", oracle)):
+        out[loss] = []
+        for seed in range(3):
+            rng = np.random.default_rng([seed, len(out)])
+            noisy = [{**d, "score": float(np.clip(d["score"] + rng.normal(0, 0.05), 0.001, 1))} for d in base]
+            path = folder / f"{loss}_{seed}" / "eval_matches.npz"
+            path.parent.mkdir()
+            CE.match(gt, [dict(d) for d in noisy]).save(path)
+            out[loss].append((CE.evaluate(gt, noisy), path))
+    return out

@@ -37,9 +37,9 @@ def test_every_shipped_space_and_profile_validates(name):
         assert plan.varying_keys and set(plan.baseline) <= set(plan.varying_keys)
 
 
-def test_smoke_is_four_cpu_trainings():
+def test_smoke_is_six_cpu_trainings():
     plan = load_space(SPACES / "smoke.yaml")
-    assert len(plan.train_points) == 4 and not plan.eval_points
+    assert len(plan.train_points) == 6 and not plan.eval_points  # 2 losses x 3 seeds
     assert plan.train.resources.gpu == 0 and plan.train.concurrency == 2
     losses = sorted({p.overrides["model.roi_heads.box_loss.type"] for p in plan.train_points})
     assert losses == ["giou", "smooth_l1"]

@@ -1,6 +1,4 @@
 """`ioulab sweep` checks the ImageNet weights of every training point before Ray starts."""
-import sys
-
 import torch
 
 from ioulab.detector.model import backbone as B
@@ -16,6 +14,12 @@ def test_r50_sweep_without_weights_fails_before_ray_and_mlflow(tmp_path, monkeyp
         raise OSError("network unreachable (test)")
 
     monkeypatch.setattr(B, "_download", no_network)
+    import ray
+
+    def no_ray(*args, **kwargs):  # Ray may already be up from an earlier test: prove *this* command
+        raise AssertionError("ray.init called before the weights check")  # never starts it
+
+    monkeypatch.setattr(ray, "init", no_ray)
     storage, db = tmp_path / "ray_results", tmp_path / "mlflow.db"
     code = main(["sweep", str(SPACES / "box_loss.yaml"), "--profile", "r50", "--storage", str(storage),
                  "--tracking-uri", f"sqlite:///{db}", "--quiet"])
@@ -23,4 +27,3 @@ def test_r50_sweep_without_weights_fails_before_ray_and_mlflow(tmp_path, monkeyp
     assert code == 2 and "\n" not in err
     assert "model.backbone.weights=" in err and "resnet50-0676ba61.pth" in err
     assert not storage.exists() and not db.exists()
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
