@@ -603,8 +603,8 @@ def _mode_needs_iou_head(cfg: Config):
     if cfg.inference.mode != "baseline" and not cfg.model.iou_head.enabled:
         return (("inference.mode", "model.iou_head.enabled"),
                 f"inference.mode={cfg.inference.mode!r} needs an IoU head, but "
-                f"{_shown(cfg, 'model.iou_head.enabled')}; set model.iou_head.enabled=true "
-                "(or evaluate a model trained with one)")
+                f"{_shown(cfg, 'model.iou_head.enabled')}; train with model.iou_head.enabled=true, "
+                "or use inference.mode=baseline")
     return None
 
 

@@ -76,7 +76,9 @@ def read_annotations(ann_file: Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{ann_file}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        # json's messages point at the position ("Unterminated string starting at"): say "here".
+        what = exc.msg[: -len(" at")] + " here" if exc.msg.endswith(" at") else exc.msg
+        raise DataError(f"{ann_file}: not valid JSON: line {exc.lineno} column {exc.colno}: {what}") from None
     except UnicodeDecodeError:
         raise DataError(f"{ann_file}: not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):

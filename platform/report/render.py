@@ -9,7 +9,7 @@ from typing import Any
 
 from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import (MISSING, NMS_METRICS, NmsBlock, ResultsTable, fmt, fmt_cell,
-                                          fmt_delta, fmt_interval, status_counts, verdict)
+                                          fmt_interval, status_counts, verdict)
 
 
 @dataclass

@@ -173,8 +173,8 @@ def test_defaults_and_every_preset_are_valid():
 # -- rules between keys ------------------------------------------------------------------------------
 CROSS = [
     (["inference.mode=refine"], "--set: inference.mode='refine' needs an IoU head, but "
-     "model.iou_head.enabled=False (the default); set model.iou_head.enabled=true (or evaluate a model "
-     "trained with one)"),
+     "model.iou_head.enabled=False (the default); train with model.iou_head.enabled=true, or use "
+     "inference.mode=baseline"),
     (["inference.mode=iou_nms"], "--set: inference.mode='iou_nms' needs an IoU head"),
     (["inference.mode=iou_regular_nms"], "--set: inference.mode='iou_regular_nms' needs an IoU head"),
     (["model.rpn.fg_iou_thresh=0.2"], "--set: model.rpn.fg_iou_thresh=0.2 (from --set) must be >= "

@@ -23,6 +23,13 @@ RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # Cluster() overwrites 
 SPACES = REPO / "search_spaces"
 
 
+def smoke_trials() -> int:
+    """How many trainings search_spaces/smoke.yaml runs (2 box losses x its seeds)."""
+    from ioulab.platform.sweep.space import load_space
+
+    return len(load_space(SPACES / "smoke.yaml").train_points)
+
+
 def wait_for_http(url: str, proc, log: Path, timeout: float, what: str) -> None:
     """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` dies or time runs out."""
     import urllib.request

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of
+from tests.platform.sweep.conftest import REPO, cli_sets, free_port, runs_of, smoke_trials
 
 pytestmark = pytest.mark.cluster
 
@@ -104,14 +104,14 @@ def test_ray_job_submit_runs_the_sweep(tiny_sets, tmp_path):
         log = out.stdout[-4000:] + out.stderr[-2000:]
         assert out.returncode == 0, log
         assert re.search(r"Job 'raysubmit_\w+' succeeded", out.stdout + out.stderr), log
-        assert "sweep smoke: 4 trials" in out.stdout, log
+        assert f"sweep smoke: {smoke_trials()} trials" in out.stdout, log
 
         summary = json.loads((storage / "smoke" / "summary.json").read_text())
-        assert [t["status"] for t in summary["trials"]] == ["FINISHED"] * 4
+        assert [t["status"] for t in summary["trials"]] == ["FINISHED"] * smoke_trials()
         _, (parent,), children = runs_of(f"sqlite:///{db}")
         assert parent.data.tags["ioulab.space_file"] == "search_spaces/smoke.yaml"
         assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags["ioulab.git_commit"])
-        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+        assert len(children) == smoke_trials() and all(c.info.status == "FINISHED" for c in children)
         assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     finally:
         head.stop()

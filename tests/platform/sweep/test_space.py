@@ -351,8 +351,8 @@ def test_checkpoint_sweep_checks_the_stored_config_and_the_file(tmp_path):
     with pytest.raises(SpaceError) as info:
         check_checkpoint(plan, resolve_checkpoint(plan.checkpoint, plan.space_file, "sqlite:///x.db"))
     assert str(info.value) == (f"{path} (grid point inference.mode=refine): inference.mode='refine' needs an IoU head, "
-                               f"but model.iou_head.enabled=False (from {ckpt} (stored config)); set "
-                               "model.iou_head.enabled=true (or evaluate a model trained with one)")
+                               f"but model.iou_head.enabled=False (from {ckpt} (stored config)); train with "
+                               "model.iou_head.enabled=true, or use inference.mode=baseline")
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
     plan = load_space(write(tmp_path, f"checkpoint: {text}\ngrid: {{inference.nms.type: [greedy, diou]}}\n", "t.yaml"))

@@ -17,10 +17,11 @@ from ioulab.detector import config as C
 from ioulab.platform.sweep.checkpoints import resolve_checkpoint
 from ioulab.platform.sweep.driver import SweepError, SweepOptions, run_sweep
 from ioulab.platform.sweep.space import load_space
-from tests.platform.sweep.conftest import SPACES, cli_sets, ioulab_cmd, runs_of
+from tests.platform.sweep.conftest import SPACES, cli_sets, ioulab_cmd, runs_of, smoke_trials
 
 pytestmark = pytest.mark.cluster
 
+SMOKE_TRIALS = smoke_trials()
 METRIC_KEYS = ["AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90"]
 
 
@@ -32,7 +33,7 @@ def options(tmp_path, **kw) -> SweepOptions:
 def test_smoke_grid_on_two_nodes_follows_the_mlflow_contract(ray_cluster, tiny_sets, tmp_path):
     plan = load_space(SPACES / "smoke.yaml", tiny_sets)
     outcome = run_sweep(plan, options(tmp_path))
-    assert [t.status for t in outcome.trials] == ["FINISHED"] * 4
+    assert [t.status for t in outcome.trials] == ["FINISHED"] * SMOKE_TRIALS
     nodes = {n for t in outcome.trials for n in t.node_ids}
     assert nodes == ray_cluster.worker_ids()  # two concurrent trials, one per 1-CPU node
     assert all(len(t.node_ids) == 1 for t in outcome.trials)
@@ -50,7 +51,7 @@ def test_smoke_grid_on_two_nodes_follows_the_mlflow_contract(ray_cluster, tiny_s
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.json"}
     assert tags["ioulab.best_run_id"] == outcome.best.run_id and parent.data.metrics["best/AP"] == outcome.best.metrics["AP"]
 
-    assert len(children) == 4 and len({c.data.tags["ray.trial_id"] for c in children}) == 4
+    assert len(children) == SMOKE_TRIALS and len({c.data.tags["ray.trial_id"] for c in children}) == SMOKE_TRIALS
     by_trial = {c.data.tags["ray.trial_id"]: c for c in children}
     max_iters = C.load_config("cpu_tiny", tiny_sets).train.max_iters
     for trial in outcome.trials:
@@ -73,7 +74,7 @@ def test_smoke_grid_on_two_nodes_follows_the_mlflow_contract(ray_cluster, tiny_s
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "metrics.json"}
         assert Path(t["ioulab.checkpoint"]).is_file()
     summary = json.loads((Path(outcome.experiment_dir) / "summary.json").read_text())
-    assert summary["best"]["run_id"] == outcome.best.run_id and len(summary["trials"]) == 4
+    assert summary["best"]["run_id"] == outcome.best.run_id and len(summary["trials"]) == SMOKE_TRIALS
 
 
 def test_eval_only_grid_trains_once_then_evaluates_a_given_checkpoint(ray_cluster, tiny_sets, tmp_path):
@@ -167,11 +168,11 @@ def test_node_lost_mid_sweep(ray_cluster, tiny_sets, tmp_path):
     finally:
         ray_cluster.ensure_two_workers()
     assert callback.removed is not None
-    assert [t.status for t in outcome.trials] == ["FINISHED"] * 4
+    assert [t.status for t in outcome.trials] == ["FINISHED"] * SMOKE_TRIALS
     moved = [t for t in outcome.trials if len(t.node_ids) > 1]
     assert moved and all(t.node_ids[0] == callback.removed for t in moved)  # resumed on the other node
     client, parents, children = runs_of(outcome.tracking_uri)
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == SMOKE_TRIALS
     assert sorted(c.data.tags["ray.trial_id"] for c in children) == sorted(t.trial_id for t in outcome.trials)
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
@@ -210,15 +211,15 @@ def test_driver_killed_then_resumed(ray_cluster, tiny_sets, tmp_path):
             driver.kill()
     killed_at = time.time()
     before = _finished_runs(uri, state)
-    assert 1 <= len(before) < 4, "kill the driver mid-sweep"
+    assert 1 <= len(before) < SMOKE_TRIALS, "kill the driver mid-sweep"
     exp = tmp_path / "ray_results" / "smoke" / "train"
 
     time.sleep(2)  # the killed driver's trial actors go away with its job
     out = subprocess.run([*args, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, parents, children = runs_of(uri)
-    assert len(parents) == 1 and len(children) == 4  # nothing duplicated
-    assert len({c.data.tags["ray.trial_id"] for c in children}) == 4
+    assert len(parents) == 1 and len(children) == SMOKE_TRIALS  # nothing duplicated
+    assert len({c.data.tags["ray.trial_id"] for c in children}) == SMOKE_TRIALS
     assert all(c.info.status == "FINISHED" and c.data.tags["ioulab.trial_status"] == "FINISHED" for c in children)
     after = {c.data.tags["ray.trial_id"]: c for c in children}
     for trial_id, run in before.items():  # finished before the kill: not run again
