@@ -152,16 +152,27 @@ class RPNConfig:
 
 @dataclass
 class BoxLossConfig:
-    """Box-head regression loss. ``type``: smooth_l1 | iou | giou | diou | ciou.
-    ``frame``: image (decode against the proposals) | proposal (decode against a unit box, as the
-    DIoU code does). The DIoU code uses weight 12.0 for the IoU family."""
+    """Box-head regression loss. ``type``: smooth_l1 | l1 (on the encoded deltas) | iou | giou |
+    diou | ciou (on decoded boxes). ``frame``: image (decode against the proposals) | proposal
+    (decode against a unit box, as the DIoU code does; changes DIoU's and CIoU's distance and
+    aspect terms, not IoU or GIoU). ``weight`` and ``frame`` follow the type (``TYPE_DEFAULTS``:
+    the DIoU code's 12.0 and proposal frame for the IoU family) unless set to something else.
+    ``smooth_l1_beta``: 1/9 as torchvision, 1.0 in the DIoU code. ``ciou_v_grad``: exact (the
+    CIoU formula differentiated) | reference (the DIoU code's no-grad surrogate for v)."""
 
     limits: ClassVar[Limits] = {"weight": NON_NEGATIVE, "smooth_l1_beta": NON_NEGATIVE}
+
+    # Per type, the values weight and frame take when the type is set (see :func:`set_value`).
+    TYPE_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        **{t: {"weight": 1.0, "frame": "image"} for t in ("smooth_l1", "l1")},
+        **{t: {"weight": 12.0, "frame": "proposal"} for t in ("iou", "giou", "diou", "ciou")},
+    }
 
     type: str = "smooth_l1"
     weight: float = 1.0
     frame: str = "image"
     smooth_l1_beta: float = 1.0 / 9.0  # torchvision's Fast R-CNN value
+    ciou_v_grad: str = "exact"
 
 
 @dataclass
@@ -332,8 +343,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.backbone.name": ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"),
     "model.backbone.norm": ("frozen_bn", "bn"),
     "model.roi_pool": ("roi_align", "prroi_pool"),
-    "model.roi_heads.box_loss.type": ("smooth_l1", "iou", "giou", "diou", "ciou"),
+    "model.roi_heads.box_loss.type": ("smooth_l1", "iou", "giou", "diou", "ciou", "l1"),
     "model.roi_heads.box_loss.frame": ("image", "proposal"),
+    "model.roi_heads.box_loss.ciou_v_grad": ("exact", "reference"),
     "inference.nms.type": ("greedy", "diou"),
     "model.iou_head.loss": ("smooth_l1", "bce"),
     "model.iou_head.roi_generator.strategy": ("per_iou", "per_img"),
@@ -425,7 +437,11 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 
 
 def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
-    """Assign ``value`` to the dotted ``key`` of ``cfg`` after checking key, type and choices."""
+    """Assign ``value`` to the dotted ``key`` of ``cfg`` after checking key, type and choices.
+
+    Setting a section's ``type`` whose dataclass has ``TYPE_DEFAULTS`` (the box loss) also sets the
+    keys that still hold the old type's default to the new type's; a value set on purpose (any
+    other value, or one given in the same batch: ``type`` is applied first) stays."""
     obj: Any = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -441,17 +457,34 @@ def set_value(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key} is a section; set its keys, e.g. {key}.<name>=...")
-        for sub, sub_value in value.items():
+        for sub, sub_value in _types_first(value.items()):
             set_value(cfg, f"{key}.{sub}", sub_value, source)
         return
     value = _check_type(value, tp, key, source)
     problem = _value_problem(key, value, type(obj).limits.get(name))
     if problem:
         raise ConfigError(f"{source}: {problem}")
-    setattr(obj, name, value)
+    old = getattr(obj, name)
+    _assign(cfg, obj, key, value, source)
+    table = getattr(type(obj), "TYPE_DEFAULTS", None)
+    if name == "type" and table and old != value:
+        # Keys that still hold the old type's default follow the type; others were chosen.
+        for sub, default in table[value].items():
+            if getattr(obj, sub) == table.get(old, {}).get(sub):
+                _assign(cfg, obj, f"{key[:-len(name)]}{sub}", default, f"{source} (default for {key}={value})")
+
+
+def _assign(cfg: Config, obj: Any, key: str, value: Any, source: str) -> None:
+    setattr(obj, key.rsplit(".", 1)[-1], value)
     sources = _sources(cfg)
     sources.pop(key, None)
     sources[key] = source
+
+
+def _types_first(items: Any) -> list[tuple[str, Any]]:
+    """``(key, value)`` items with ``*.type`` keys first (stable otherwise), so that a key that
+    follows its type (``TYPE_DEFAULTS``) and is given in the same batch keeps the given value."""
+    return sorted(items, key=lambda item: str(item[0]).rsplit(".", 1)[-1] != "type")
 
 
 def _sources(cfg: Config) -> dict[str, str]:
@@ -503,13 +536,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | list[str], source: str = "--set") -> Config:
     """Apply ``{"dotted.key": value}`` or ``["dotted.key=value", ...]``; returns ``cfg``."""
     items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else overrides.items()
-    for key, value in items:
+    for key, value in _types_first(items):
         set_value(cfg, key, value, source)
     return cfg
 
 
 def _apply_nested(cfg: Config, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
-    for key, value in data.items():
+    for key, value in _types_first(data.items()):
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping):
             _apply_nested(cfg, value, source, dotted + ".")

@@ -15,6 +15,13 @@ arXiv:1911.08287.
     DIoU = IoU - d² / c²                   d: centre distance, c: diagonal of C     [DIoU]
     CIoU = DIoU - α·v,  v = 4/π² (atan(wg/hg) - atan(w/h))²                          [DIoU]
            α = v / ((1 - IoU) + v), a constant for the gradient (as in [DIoU])
+
+``ciou_loss(..., v_grad="reference")`` keeps CIoU's value but takes v's gradient from the DIoU
+code's ``compute_ciou`` (a no-grad surrogate, see :func:`_seed_aspect_surrogate`).
+
+Delta losses (``DELTA_LOSSES``) compare encoded deltas instead, Tensor[P, 4] each: Fast R-CNN's
+Smooth-L1 (β = 1/9 in torchvision, 1.0 in the DIoU code) and the L1 of the IoUNet reproduction's
+baseline (mmdetection's ``L1Loss``); both sum over the 4 coordinates.
 """
 from __future__ import annotations
 
@@ -22,10 +29,14 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import distance_box_iou_loss, generalized_box_iou_loss
 
-__all__ = ["BOX_LOSSES", "ciou_loss", "diou_loss", "giou_loss", "iou_loss", "paired_iou"]
+__all__ = ["BOX_LOSSES", "CIOU_V_GRADS", "DELTA_LOSSES", "ciou_loss", "diou_loss", "giou_loss",
+           "iou_loss", "l1_delta_loss", "paired_iou", "smooth_l1_delta_loss"]
+
+CIOU_V_GRADS = ("exact", "reference")
 
 
 def _upcast(boxes: Tensor) -> Tensor:
@@ -105,16 +116,41 @@ def _aspect_angle(boxes: Tensor, eps: float) -> Tensor:
     return torch.atan2(w, h + eps)
 
 
-def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
+def _seed_aspect_surrogate(pred: Tensor, target: Tensor, eps: float) -> Tensor:
+    """The DIoU code's stand-in for v in ``compute_ciou``: Tensor[N, 4] x2 -> Tensor[N].
+
+    With A = atan(wg/hg) - atan(w/h) and a copy of 2w both held constant, it is
+    ar = 8/π² · A · (w - 2w) · h, so ∂ar/∂w = 8/π² · A · h and ∂ar/∂h = -8/π² · A · w: the exact
+    ∂v/∂w = -8/π² · A · h / (w² + h²) with the 1/(w² + h²) dropped (as the CIoU paper says) but
+    with the opposite sign. Only its gradient is used (:func:`ciou_loss`).
+    """
+    w = pred[..., 2] - pred[..., 0]
+    h = pred[..., 3] - pred[..., 1]
+    with torch.no_grad():
+        angle_gap = _aspect_angle(target, eps) - _aspect_angle(pred, eps)
+        twice_w = 2.0 * w
+    return (8.0 / math.pi**2) * angle_gap * (w - twice_w) * h
+
+
+def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7,
+              v_grad: str = "exact") -> Tensor:
     """1 - CIoU, CIoU = DIoU - α·v [DIoU, Complete IoU loss].
 
     v = 4/π² (atan(wg/hg) - atan(w/h))², α = v / ((1 - IoU) + v + eps) without gradient.
     pred, target: Tensor[N, 4] xyxy -> Tensor[N].
 
+    ``v_grad``: exact (v differentiated as written, the paper's formula) | reference (the DIoU
+    code's ``compute_ciou``: same value here, but v's gradient is that of
+    :func:`_seed_aspect_surrogate`, whose aspect-ratio gradient has the opposite sign; the
+    published CIoU numbers were trained with it). The DIoU code's logged loss value uses the
+    surrogate's value too; ours stays 1 - CIoU so both settings log comparable losses.
+
     Written here rather than taken from torchvision's ``complete_box_iou_loss``, which ignores
     ``eps`` in its DIoU part and divides w/h unguarded (NaN for zero-height boxes). The DIoU
     reference code's α = v / ((1 - IoU) + v) is 0/0 for identical boxes; eps makes it 0.
     """
+    if v_grad not in CIOU_V_GRADS:
+        raise ValueError(f"v_grad must be one of {', '.join(CIOU_V_GRADS)}, got {v_grad!r}")
     pred, target = _upcast(pred), _upcast(target)
     iou = paired_iou(pred, target, eps)
     # DIoU part from torchvision: same formula and eps handling as in diou_loss above.
@@ -122,7 +158,22 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
     v = (4.0 / math.pi**2) * (_aspect_angle(target, eps) - _aspect_angle(pred, eps)).square()
     with torch.no_grad():
         alpha = v / ((1.0 - iou) + v + eps)
+    if v_grad == "reference":  # v's value, the surrogate's gradient
+        surrogate = _seed_aspect_surrogate(pred, target, eps)
+        v = v.detach() + (surrogate - surrogate.detach())
     return _reduce(loss_diou + alpha * v, reduction)
+
+
+def smooth_l1_delta_loss(pred: Tensor, target: Tensor, reduction: str = "sum",
+                         beta: float = 1.0 / 9.0) -> Tensor:
+    """Smooth-L1 of encoded deltas: 0.5·x²/β for |x| < β, else |x| - 0.5·β (β = 0: L1).
+    pred, target: Tensor[P, 4] -> summed over coordinates (and pairs, ``reduction="sum"``)."""
+    return F.smooth_l1_loss(pred, target, beta=beta, reduction=reduction)
+
+
+def l1_delta_loss(pred: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
+    """|pred - target| of encoded deltas: Tensor[P, 4] -> summed over coordinates (and pairs)."""
+    return F.l1_loss(pred, target, reduction=reduction)
 
 
 # The name -> callable table for the config edge only (STYLE.md habit 3).
@@ -131,4 +182,11 @@ BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
     "giou": giou_loss,
     "diou": diou_loss,
     "ciou": ciou_loss,
+}
+
+
+# Losses on the encoded deltas (not on decoded boxes); the factory binds smooth_l1's beta.
+DELTA_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "smooth_l1": smooth_l1_delta_loss,
+    "l1": l1_delta_loss,
 }

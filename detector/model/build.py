@@ -17,7 +17,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
 from ioulab.detector import losses, nms
-from ioulab.detector.config import InferenceConfig, ModelConfig, validate_backbone
+from ioulab.detector.config import BoxLossConfig, InferenceConfig, ModelConfig, validate_backbone
 from ioulab.detector.model.backbone import resolve_imagenet_weights, resnet_fpn, tiny_fpn_backbone
 from ioulab.detector.model.detector import Detector
 from ioulab.detector.model.iou_head import IOU_LOSSES, IoUHead
@@ -29,8 +29,20 @@ FEATURE_MAPS = ["0", "1", "2", "3"]  # P2–P5, the levels RoIs are pooled from
 NUM_LEVELS = len(FEATURE_MAPS) + 1  # + "pool" (P6) for the RPN
 IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
-# Name → callable tables of the config edge.
-BOX_LOSSES = {"smooth_l1": None, **losses.BOX_LOSSES}
+# Name → callable tables of the config edge: box-loss types on deltas or on decoded boxes.
+BOX_LOSSES = {**losses.DELTA_LOSSES, **losses.BOX_LOSSES}
+
+
+def build_box_loss(cfg: BoxLossConfig, box_coder: det_utils.BoxCoder) -> BoxRegressionLoss:
+    """The box head's regression loss from ``model.roi_heads.box_loss`` (see BoxLossConfig)."""
+    fn = BOX_LOSSES[cfg.type]
+    if cfg.type == "smooth_l1":
+        fn = functools.partial(fn, beta=cfg.smooth_l1_beta)
+    if cfg.type == "ciou":
+        fn = functools.partial(fn, v_grad=cfg.ciou_v_grad)
+    if cfg.type in losses.DELTA_LOSSES:
+        return BoxRegressionLoss(box_coder, None, delta_loss=fn)
+    return BoxRegressionLoss(box_coder, fn, proposal_frame=cfg.frame == "proposal")
 
 
 def pretrained_weights(cfg: ModelConfig, download: bool = True) -> Path | None:
@@ -112,9 +124,7 @@ def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
                     inference: InferenceConfig) -> DetectionRoIHeads:
     h = cfg.roi_heads
     box_coder = det_utils.BoxCoder(tuple(h.bbox_reg_weights))
-    box_loss = BoxRegressionLoss(box_coder, BOX_LOSSES[h.box_loss.type],
-                                 proposal_frame=h.box_loss.frame == "proposal",
-                                 smooth_l1_beta=h.box_loss.smooth_l1_beta)
+    box_loss = build_box_loss(h.box_loss, box_coder)
     heads = DetectionRoIHeads(
         build_pooler(cfg),
         TwoMLPHead(channels * cfg.pool_size**2, h.representation_size),

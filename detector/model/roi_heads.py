@@ -17,6 +17,7 @@ they are only the box head's inputs, and its deltas are relative to them.)
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from ioulab.detector.losses import paired_iou
+from ioulab.detector.losses import paired_iou, smooth_l1_delta_loss
 from ioulab.detector.model.iou_head import IoUHead, IoULoss, select_class
 from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator
 
@@ -34,6 +35,8 @@ from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator
 DetectionNMS = Callable[[Tensor, Tensor, Tensor], Tensor]
 # (pred Tensor[P, 4], target Tensor[P, 4], reduction) -> loss ; xyxy boxes
 PairLoss = Callable[..., Tensor]
+# (pred deltas Tensor[P, 4], target deltas Tensor[P, 4], reduction) -> loss ; encoded deltas
+DeltaLoss = Callable[..., Tensor]
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -44,18 +47,21 @@ def _at_least_float32(x: Tensor) -> Tensor:
 class BoxRegressionLoss:
     """Box-head regression loss over positive RoIs, normalised by the number of sampled RoIs.
 
-    ``iou_loss=None`` is Fast R-CNN's Smooth-L1 on the encoded deltas. Otherwise both the predicted
+    ``iou_loss=None`` compares the encoded deltas with ``delta_loss`` (default: Fast R-CNN's
+    Smooth-L1 with ``smooth_l1_beta``; or e.g. L1, the IoUNet reproduction's baseline). Otherwise
+    both the predicted
     deltas and the targets are decoded to boxes and ``iou_loss`` compares them, in the image frame
     (against the proposals) or, with ``proposal_frame=True``, against a unit box as the DIoU code
     does (there, distances are measured relative to the proposal's width and height).
     """
 
     def __init__(self, box_coder: det_utils.BoxCoder, iou_loss: PairLoss | None,
-                 proposal_frame: bool = False, smooth_l1_beta: float = 1.0 / 9.0):
+                 proposal_frame: bool = False, smooth_l1_beta: float = 1.0 / 9.0,
+                 delta_loss: DeltaLoss | None = None):
         self.box_coder = box_coder
         self.iou_loss = iou_loss
         self.proposal_frame = proposal_frame
-        self.smooth_l1_beta = smooth_l1_beta
+        self.delta_loss = delta_loss or partial(smooth_l1_delta_loss, beta=smooth_l1_beta)
 
     def __call__(self, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
                  proposals: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,8 +77,7 @@ class BoxRegressionLoss:
                                   self.box_coder.decode_single(targets, ref)).mean() if pos.numel() \
                 else deltas.new_zeros(())
         if self.iou_loss is None:
-            loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
-            return loss / num_sampled, mean_iou
+            return self.delta_loss(deltas, targets, reduction="sum") / num_sampled, mean_iou
         ref = proposals[pos]
         if self.proposal_frame:
             ref = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=deltas.dtype, device=deltas.device).expand_as(ref)

@@ -250,3 +250,77 @@ def test_sources_survive_clone_and_are_not_part_of_the_value():
     assert C.source_of(copy, "train.lr") == "--set" and C.source_of(copy, "model.roi_pool") == "preset cpu_tiny"
     assert C.source_of(copy, "train.momentum") == "default"
     assert C.from_dict(C.to_dict(cfg)) == cfg and "sources" not in C.to_dict(cfg)
+
+
+BOX_LOSS = "model.roi_heads.box_loss"
+
+
+def _box_loss(flat):
+    return {k.rsplit(".", 1)[1]: v for k, v in flat.items() if k.startswith(BOX_LOSS + ".")}
+
+
+@pytest.mark.parametrize("loss_type", ["iou", "giou", "diou", "ciou"])
+def test_an_iou_loss_type_alone_gets_the_diou_codes_weight_and_frame(loss_type):
+    cfg = C.load_config("cpu_tiny", [f"{BOX_LOSS}.type={loss_type}"])
+    flat = _box_loss(C.flatten(cfg))  # what MLflow params and config.yaml show
+    assert (flat["weight"], flat["frame"]) == (12.0, "proposal")
+    assert "frame: proposal" in C.dump_yaml(cfg) and "weight: 12.0" in C.dump_yaml(cfg)
+    assert "default for" in C.source_of(cfg, f"{BOX_LOSS}.weight")
+    # Back to a delta loss: weight and frame follow again.
+    C.apply_overrides(cfg, {f"{BOX_LOSS}.type": "l1"})
+    assert (cfg.model.roi_heads.box_loss.weight, cfg.model.roi_heads.box_loss.frame) == (1.0, "image")
+
+
+def test_smooth_l1_keeps_weight_1_and_the_image_frame():
+    b = C.load_config("cpu_tiny").model.roi_heads.box_loss
+    assert (b.type, b.weight, b.frame, b.smooth_l1_beta, b.ciou_v_grad) == \
+        ("smooth_l1", 1.0, "image", pytest.approx(1 / 9), "exact")
+
+
+@pytest.mark.parametrize("order", [["weight", "frame", "type"], ["type", "weight", "frame"]])
+def test_explicit_weight_and_frame_win_over_the_types_default(order):
+    values = {"type": "ciou", "weight": 1.0, "frame": "image"}
+    cfg = C.load_config("cpu_tiny", [f"{BOX_LOSS}.{k}={values[k]}" for k in order])
+    assert _box_loss(C.flatten(cfg))["weight"] == 1.0 and cfg.model.roi_heads.box_loss.frame == "image"
+    # In a nested YAML mapping as well, whatever the key order.
+    cfg = C.Config()
+    C.set_value(cfg, BOX_LOSS, {k: values[k] for k in order})
+    assert (cfg.model.roi_heads.box_loss.weight, cfg.model.roi_heads.box_loss.frame) == (1.0, "image")
+    # A value other than the old type's default was chosen: a later type change keeps it.
+    cfg = C.load_config("cpu_tiny", [f"{BOX_LOSS}.weight=2"])
+    C.apply_overrides(cfg, {f"{BOX_LOSS}.type": "giou"})
+    assert cfg.model.roi_heads.box_loss.weight == 2.0 and cfg.model.roi_heads.box_loss.frame == "proposal"
+
+
+def test_a_type_set_on_a_stored_plan_gets_its_defaults():
+    """Sweeps store the base config (to_dict) and apply each grid point's type afterwards."""
+    plan = C.to_dict(C.load_config("r50_fpn_1x"))
+    cfg = C.apply_overrides(C.from_dict(plan), {f"{BOX_LOSS}.type": "diou"})
+    assert (cfg.model.roi_heads.box_loss.weight, cfg.model.roi_heads.box_loss.frame) == (12.0, "proposal")
+
+
+@pytest.mark.parametrize("stored", [
+    {"type": "ciou", "weight": 1.0, "frame": "image", "smooth_l1_beta": 1 / 9},
+    {"type": "giou", "weight": 12.0, "frame": "image", "smooth_l1_beta": 1 / 9},
+    {"type": "diou", "weight": 3.0, "frame": "proposal", "smooth_l1_beta": 1 / 9},
+    {"type": "smooth_l1", "weight": 1.0, "frame": "image", "smooth_l1_beta": 1 / 9},
+])
+def test_configs_stored_before_box_loss_defaults_keep_their_meaning(stored):
+    """Stored before per-type defaults and ciou_v_grad: the stored weight and frame still apply,
+    and CIoU keeps its exact gradient."""
+    data = C.to_dict(C.Config())
+    box = data["model"]["roi_heads"]["box_loss"]
+    box.clear()
+    box.update(stored)
+    loaded = C.from_dict(data).model.roi_heads.box_loss
+    assert (loaded.type, loaded.weight, loaded.frame) == (stored["type"], stored["weight"], stored["frame"])
+    assert loaded.ciou_v_grad == "exact"
+    assert C.to_dict(C.from_dict(C.to_dict(C.from_dict(data))))["model"]["roi_heads"]["box_loss"] == \
+        {**stored, "ciou_v_grad": "exact"}
+
+
+def test_box_loss_choices():
+    for key, bad in ((f"{BOX_LOSS}.type", "l2"), (f"{BOX_LOSS}.ciou_v_grad", "approx")):
+        with pytest.raises(C.ConfigError, match="not one of"):
+            C.load_config("cpu_tiny", [f"{key}={bad}"])
+    assert C.load_config("cpu_tiny", [f"{BOX_LOSS}.type=l1"]).model.roi_heads.box_loss.type == "l1"

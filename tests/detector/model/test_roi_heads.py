@@ -61,7 +61,7 @@ TINY = ["model.min_size=96", "model.max_size=96", "model.backbone.tiny_widths=[8
         "model.roi_heads.batch_size_per_image=32"]
 
 
-@pytest.mark.parametrize("loss_type", ["smooth_l1", "iou", "giou", "diou", "ciou"])
+@pytest.mark.parametrize("loss_type", ["smooth_l1", "l1", "iou", "giou", "diou", "ciou"])
 @pytest.mark.parametrize("frame", ["image", "proposal"])
 def test_each_box_loss_trains_finite(loss_type, frame, batch):
     cfg = C.load_config("cpu_tiny", TINY + [f"model.roi_heads.box_loss.type={loss_type}",

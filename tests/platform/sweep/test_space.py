@@ -51,7 +51,9 @@ def test_box_loss_couples_weight_12_with_the_iou_family():
              for p in plan.train_points}
     assert pairs == {("smooth_l1", 1.0), ("iou", 12.0), ("giou", 12.0), ("diou", 12.0), ("ciou", 12.0)}
     assert plan.train.resources.gpu == 1 and plan.train_config["model"]["backbone"]["name"] == "resnet50"
-    assert plan.baseline == {"model.roi_heads.box_loss.type": "smooth_l1", "model.roi_heads.box_loss.weight": 1.0}
+    # The baseline's variant also fixes the frame (the IoU family's is proposal, as the DIoU code's).
+    assert plan.baseline == {"model.roi_heads.box_loss.type": "smooth_l1", "model.roi_heads.box_loss.weight": 1.0,
+                             "model.roi_heads.box_loss.frame": "image"}
     cpu = load_space(SPACES / "box_loss.yaml")  # default profile: cpu, seeds from the profile's grid
     assert cpu.profile == "cpu" and len(cpu.train_points) == 15 and "train.seed" in cpu.varying_keys
     assert cpu.name == "box_loss-cpu" and cpu.train_config["model"]["backbone"]["name"] == "tiny"

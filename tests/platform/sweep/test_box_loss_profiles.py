@@ -1,0 +1,37 @@
+"""The r50 profiles of the DIoU paper's spaces hold the DIoU code's box-loss settings
+(``ioulab sweep ... --profile r50 --dry-run`` shows the plan these configs come from)."""
+from pathlib import Path
+
+import pytest
+
+from ioulab.detector import config as C
+from ioulab.platform.sweep.space import load_space, trial_config
+
+SPACES = Path(__file__).resolve().parents[3] / "search_spaces"
+IOU_FAMILY = ("iou", "giou", "diou", "ciou")
+
+
+def _box_losses(name, profile):
+    plan = load_space(SPACES / name, profile=profile)
+    return {trial_config(plan, p).model.roi_heads.box_loss.type: trial_config(plan, p).model.roi_heads.box_loss
+            for p in plan.train_points}
+
+
+def test_box_loss_r50_uses_the_diou_codes_values():
+    losses = _box_losses("box_loss.yaml", "r50")
+    assert set(losses) == {"smooth_l1", *IOU_FAMILY}
+    for name in IOU_FAMILY:
+        assert (losses[name].weight, losses[name].frame) == (12.0, "proposal")
+    assert losses["ciou"].ciou_v_grad == "reference"
+    assert (losses["smooth_l1"].weight, losses["smooth_l1"].smooth_l1_beta) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("profile, v_grad", [("r50", "reference"), ("cpu", "exact")])
+def test_nms_trains_the_diou_codes_ciou(profile, v_grad):
+    (ciou,) = _box_losses("nms.yaml", profile).values()
+    assert (ciou.type, ciou.weight, ciou.frame, ciou.ciou_v_grad) == ("ciou", 12.0, "proposal", v_grad)
+
+
+def test_r50_preset_is_the_iounet_reproductions_l1_baseline():
+    b = C.load_config("r50_fpn_1x").model.roi_heads.box_loss
+    assert (b.type, b.weight) == ("l1", 1.0)
