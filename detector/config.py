@@ -195,12 +195,15 @@ class RoIHeadsConfig:
 class RoIGeneratorConfig:
     """IoU-balanced jittered RoIs that train the IoU head (not RPN proposals). ``strategy``:
     per_iou (``per_iou`` jitters per IoU bin per GT, at most ``max_per_img``) | per_img
-    (``per_img`` RoIs per image spread evenly over bins and GTs)."""
+    (``per_img`` RoIs per image spread evenly over bins and GTs). ``balance``: uniform (ioulab's
+    table: ``table_cap`` jitters in every IoU bin, equal RoIs per bin) | reference (the IoUNet
+    reproduction's grid and sampling: its top bin gets about 9% of the RoIs)."""
 
     limits: ClassVar[Limits] = {"per_iou": AT_LEAST_1, "per_img": AT_LEAST_1, "max_per_img": AT_LEAST_1,
                                 "table_cap": AT_LEAST_1, "seed": NON_NEGATIVE}
 
     strategy: str = "per_img"
+    balance: str = "uniform"
     per_iou: int = 30
     per_img: int = 1000
     max_per_img: int = 1000
@@ -210,7 +213,10 @@ class RoIGeneratorConfig:
 
 @dataclass
 class IoUHeadConfig:
-    """IoUNet's class-aware IoU head on PrRoIPool features. ``loss``: smooth_l1 | bce."""
+    """IoUNet's class-aware IoU head on PrRoIPool features. ``loss``: smooth_l1 | bce.
+    ``init`` of its three FC layers: ioulab (PyTorch's default FCs, output N(0, 0.001)) | reference
+    (what the IoUNet reproduction's code runs: Xavier-normal on all three, biases 0) |
+    reference_as_written (what its config states: Xavier FCs, output N(0, 0.01))."""
 
     limits: ClassVar[Limits] = {"loss_weight": NON_NEGATIVE, "representation_size": AT_LEAST_1}
 
@@ -218,6 +224,7 @@ class IoUHeadConfig:
     loss: str = "smooth_l1"
     loss_weight: float = 5.0
     representation_size: int = 1024
+    init: str = "ioulab"
     roi_generator: RoIGeneratorConfig = field(default_factory=RoIGeneratorConfig)
 
 
@@ -284,12 +291,16 @@ class NMSConfig:
 
 @dataclass
 class IoUNMSConfig:
-    """IoU-guided NMS: rank by predicted IoU (``iou``) or IoU × class score (``iou_x_score``)."""
+    """IoU-guided NMS: rank by predicted IoU (``iou``) or IoU × class score (``iou_x_score``).
+    ``boxes``: per_class (each class's candidate is its own regressed box) | argmax (the IoUNet
+    reproduction: each proposal is regressed once, with its best class's deltas, and that box is
+    every class's candidate)."""
 
     limits: ClassVar[Limits] = {"iou_threshold": UNIT}
 
     rank: str = "iou"
     iou_threshold: float = 0.5
+    boxes: str = "per_class"
 
 
 @dataclass
@@ -349,8 +360,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.nms.type": ("greedy", "diou"),
     "model.iou_head.loss": ("smooth_l1", "bce"),
     "model.iou_head.roi_generator.strategy": ("per_iou", "per_img"),
+    "model.iou_head.roi_generator.balance": ("uniform", "reference"),
+    "model.iou_head.init": ("ioulab", "reference", "reference_as_written"),
     "inference.mode": ("baseline", "iou_nms", "iou_regular_nms", "refine"),
     "inference.iou_nms.rank": ("iou", "iou_x_score"),
+    "inference.iou_nms.boxes": ("per_class", "argmax"),
     "train.amp_dtype": ("bfloat16", "float16"),
 }
 

@@ -98,26 +98,27 @@ def build_detection_nms(cfg: InferenceConfig):
 
 
 @functools.lru_cache(maxsize=4)
-def _jitter_table(cap: int, seed: int):
-    return build_table(cap, seed)  # a few seconds: computed once per process
+def _jitter_table(cap: int, seed: int, balance: str):
+    return build_table(cap, seed, balance)  # a few seconds: computed once per process
 
 
 def build_iou_predictor(cfg: ModelConfig, channels: int, num_classes: int) -> IoUPredictor:
     """IoUNet's branch. Always PrRoIPool: refinement needs gradients w.r.t. box coordinates."""
     h, g = cfg.iou_head, cfg.iou_head.roi_generator
     generator = IoUBalancedRoIGenerator(
-        _jitter_table(g.table_cap, g.seed),
+        _jitter_table(g.table_cap, g.seed, g.balance),
         per_bin_per_gt=g.per_iou if g.strategy == "per_iou" else None,
-        per_img=g.per_img if g.strategy == "per_img" else None, max_per_img=g.max_per_img)
+        per_img=g.per_img if g.strategy == "per_img" else None, max_per_img=g.max_per_img,
+        balance=g.balance)
     return IoUPredictor(build_pooler(cfg, "prroi_pool"),
-                        IoUHead(channels, cfg.pool_size, h.representation_size, num_classes),
+                        IoUHead(channels, cfg.pool_size, h.representation_size, num_classes, h.init),
                         IOU_LOSSES[h.loss], generator)
 
 
 def build_postprocess_for(inference: InferenceConfig):
     r = inference.refine
     return build_postprocess(inference.mode, inference.iou_nms.rank, inference.iou_nms.iou_threshold,
-                             r.lam, r.steps, r.omega1, r.omega2)
+                             r.lam, r.steps, r.omega1, r.omega2, inference.iou_nms.boxes)
 
 
 def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,

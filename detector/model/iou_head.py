@@ -8,6 +8,13 @@ Under ``torch.autocast`` the last FC runs in float32 (autocast off, input cast u
 feeds thresholds as fine as 0.001 (the refinement's stop rule) and IoU-guided NMS ranks boxes by
 it, and bfloat16 resolves only ~0.004 around 0.8. It is a (representation × K) layer: cheap.
 
+Initialisation (``init``): ioulab — fc1, fc2 PyTorch's default, output N(0, 0.001), bias 0;
+reference — what the IoUNet reproduction's code runs: its init_cfg lists Normal(std 0.01) for the
+output and then Xavier for ``layer='Linear'``, and mmcv applies the second to every Linear, the
+output included (the pattern its author reported as mmdetection issue #6238), so all three are
+Xavier-normal (gain 1), biases 0; reference_as_written — what that config states: Xavier-normal
+fc1, fc2 and output N(0, 0.01), biases 0.
+
 The prediction for a box is the column of its class (label l ∈ 1..K → column l − 1). The raw output
 is decoded by the loss's parametrisation (:class:`IoULoss`).
 """
@@ -21,12 +28,20 @@ from torch import Tensor, nn
 
 
 class IoUHead(nn.Module):
-    def __init__(self, in_channels: int, pool_size: int, representation_size: int, num_classes: int):
+    def __init__(self, in_channels: int, pool_size: int, representation_size: int, num_classes: int,
+                 init: str = "ioulab"):
         super().__init__()
         self.fc1 = nn.Linear(in_channels * pool_size**2, representation_size)
         self.fc2 = nn.Linear(representation_size, representation_size)
         self.out = nn.Linear(representation_size, num_classes)
-        nn.init.normal_(self.out.weight, std=0.001)
+        if init != "ioulab":
+            for fc in (self.fc1, self.fc2):
+                nn.init.xavier_normal_(fc.weight)
+                nn.init.zeros_(fc.bias)
+        if init == "reference":
+            nn.init.xavier_normal_(self.out.weight)
+        else:
+            nn.init.normal_(self.out.weight, std={"ioulab": 0.001, "reference_as_written": 0.01}[init])
         nn.init.zeros_(self.out.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:

@@ -43,6 +43,8 @@ def _predict_ious(heads, candidates: Candidates, features, image_shapes) -> list
 class NMSPost:
     """Box head + ``heads.nms`` (greedy or DIoU-NMS)."""
 
+    candidate_boxes = "per_class"  # how the heads build the candidates (DetectionRoIHeads.candidates)
+
     def __call__(self, heads, candidates: Candidates, features, image_shapes) -> list[dict[str, Tensor]]:
         out = []
         for boxes, scores, labels in candidates:
@@ -60,11 +62,13 @@ class IoURegularNMSPost(NMSPost):
 
 
 class IoUNMSPost:
-    """IoU-guided NMS per class; a kept box takes the best class score of its cluster."""
+    """IoU-guided NMS per class; a kept box takes the best class score of its cluster.
+    ``candidate_boxes``: per_class | argmax (see ``inference.iou_nms.boxes``)."""
 
-    def __init__(self, rank: str, iou_threshold: float):
+    def __init__(self, rank: str, iou_threshold: float, candidate_boxes: str = "per_class"):
         self.rank = rank
         self.iou_threshold = iou_threshold
+        self.candidate_boxes = candidate_boxes
 
     def keep(self, heads, candidates, features, image_shapes) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per image (boxes, new scores, labels, predicted IoU) of the kept boxes, best first."""
@@ -86,6 +90,7 @@ class RefinePost:
 
     def __init__(self, nms: IoUNMSPost, lam: float, steps: int, omega1: float, omega2: float):
         self.nms = nms
+        self.candidate_boxes = nms.candidate_boxes
         self.lam, self.steps, self.omega1, self.omega2 = lam, steps, omega1, omega2
 
     def __call__(self, heads, candidates, features, image_shapes):
@@ -110,9 +115,10 @@ class RefinePost:
 
 
 def build_postprocess(mode: str, rank: str, iou_threshold: float, lam: float, steps: int,
-                      omega1: float, omega2: float) -> Callable | None:
-    """The config edge's name → callable table for ``inference.mode``."""
-    iou_nms = IoUNMSPost(rank, iou_threshold)
+                      omega1: float, omega2: float, candidate_boxes: str = "per_class") -> Callable | None:
+    """The config edge's name → callable table for ``inference.mode``. ``candidate_boxes``
+    applies to the IoU-guided NMS modes only (iou_nms, refine)."""
+    iou_nms = IoUNMSPost(rank, iou_threshold, candidate_boxes)
     return {
         "baseline": NMSPost(),
         "iou_regular_nms": IoURegularNMSPost(),

@@ -164,19 +164,26 @@ class DetectionRoIHeads(RoIHeads):
         if self.postprocess is None:  # plain Faster R-CNN
             boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
             return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
-        candidates = self.candidates(class_logits, box_regression, proposals, image_shapes)
+        candidates = self.candidates(class_logits, box_regression, proposals, image_shapes,
+                                     self.postprocess.candidate_boxes)
         return self.postprocess(self, candidates, features, image_shapes)
 
     def candidates(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
-                   image_shapes: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+                   image_shapes: list[tuple[int, int]], boxes_from: str = "per_class"
+                   ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per image, the class-specific boxes before NMS: decoded, clipped, without background,
-        low scores and tiny boxes → list of (boxes Tensor[M, 4], scores Tensor[M], labels Tensor[M])."""
+        low scores and tiny boxes → list of (boxes Tensor[M, 4], scores Tensor[M], labels Tensor[M]).
+        ``boxes_from``: per_class (class c's box is decoded with class c's deltas) | argmax (every
+        class's box is the proposal decoded with the deltas of its highest-scoring foreground class)."""
         num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
         all_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
         all_scores = F.softmax(class_logits, -1).split(counts)
         out = []
         for boxes, scores, shape in zip(all_boxes, all_scores, image_shapes):
+            if boxes_from == "argmax":  # boxes Tensor[N, K, 4] → the best class's box, K times
+                best = boxes[torch.arange(len(boxes)), scores[:, 1:].argmax(1) + 1]
+                boxes = best.unsqueeze(1).expand_as(boxes)
             boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)  # drop background
             labels = torch.arange(1, num_classes, device=boxes.device).expand(scores.shape[0], -1).reshape(-1)
             scores = scores[:, 1:].reshape(-1)

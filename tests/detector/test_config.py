@@ -324,3 +324,38 @@ def test_box_loss_choices():
         with pytest.raises(C.ConfigError, match="not one of"):
             C.load_config("cpu_tiny", [f"{key}={bad}"])
     assert C.load_config("cpu_tiny", [f"{BOX_LOSS}.type=l1"]).model.roi_heads.box_loss.type == "l1"
+
+
+def test_every_named_string_key_lists_its_choices():
+    """A string key with a named default (not a path, whose default is '') is an enum: CHOICES."""
+    named = [k for k, v in C.flatten(C.Config()).items() if isinstance(v, str) and v]
+    missing = [k for k in named if k not in C.CHOICES and k not in C.PATTERNS]
+    assert not missing, f"string keys without CHOICES: {missing}"
+    for key, choices in C.CHOICES.items():
+        assert C.flatten(C.Config())[key] in choices, key
+
+
+# The IoUNet reproduction's settings (issue 15): named options whose defaults are ioulab's behaviour.
+PAPER_OPTIONS = [
+    ("model.iou_head.roi_generator.balance", "uniform", ("uniform", "reference")),
+    ("model.iou_head.init", "ioulab", ("ioulab", "reference", "reference_as_written")),
+    ("inference.iou_nms.boxes", "per_class", ("per_class", "argmax")),
+]
+
+
+@pytest.mark.parametrize("key, default, choices", PAPER_OPTIONS, ids=[k for k, _, _ in PAPER_OPTIONS])
+def test_iounet_reproduction_options(key, default, choices):
+    assert C.CHOICES[key] == choices
+    assert C.flatten(C.load_config("cpu_tiny_iounet"))[key] == default
+    for value in choices:
+        assert C.flatten(C.load_config("cpu_tiny_iounet", [f"{key}={value}"]))[key] == value
+    with pytest.raises(C.ConfigError, match=f"--set: {key}='nope' is not one of {', '.join(choices)}"):
+        C.load_config("cpu_tiny_iounet", [f"{key}=nope"])
+    # configs stored before the key existed keep today's behaviour
+    stored = C.to_dict(C.load_config("cpu_tiny_iounet"))
+    *path, leaf = key.split(".")
+    node = stored
+    for part in path:
+        node = node[part]
+    del node[leaf]
+    assert C.flatten(C.from_dict(stored))[key] == default

@@ -380,3 +380,13 @@ def test_dry_run_exits_2_without_ray_or_mlflow(tmp_path, body, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("name", ["ablation", "lambda", "roi_generation", "loss_weight"])
+def test_iounet_r50_profiles_use_the_reproductions_settings(name):
+    """Issue 15: the r50 profiles train and evaluate as the IoUNet reproduction; cpu keeps ioulab's."""
+    for profile, want in [("r50", ("reference", "reference", "argmax")), ("cpu", ("uniform", "ioulab", "per_class"))]:
+        cfg = load_space(SPACES / f"{name}.yaml", profile=profile).train_config
+        head = cfg["model"]["iou_head"]
+        assert head["enabled"] is True
+        assert (head["roi_generator"]["balance"], head["init"], cfg["inference"]["iou_nms"]["boxes"]) == want
