@@ -231,6 +231,7 @@ class ResultsTable:
     # -> Interval (``delta``, ``low``, ``high``, ``excludes_zero``); empty when unavailable
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats_notes: list[str] = field(default_factory=list)       # resolution, unavailable intervals
+    paper: Any = None   # the paper's numbers beside ours (platform/report/paper.py PaperColumns)
 
     def interval(self, row: Variant, metric: str):
         return self.intervals.get(row.name, {}).get(metric)
