@@ -16,22 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ioulab.platform.report.table import Variant, values_equal
+from ioulab.platform.sweep.space import Paper, PaperRow
 
 PAPER_TAG = "ioulab.paper"
 SHOWN = ("AP", "AP90")  # the paper's values printed in the results table (when a row gives them)
-
-
-@dataclass
-class PaperRow:
-    variant: dict[str, Any]          # dotted key -> value, as in the space file
-    values: dict[str, float]
-    delta: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Paper:
-    source: str
-    rows: list[PaperRow]
 
 
 def _numbers(data: Any) -> dict[str, float]:

@@ -3,13 +3,17 @@ file's ``paper:`` block (tag ``ioulab.paper``) gets the paper's AP, AP90 and Δ 
 markdown and HTML; rows the paper has no number for show —."""
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from ioulab.platform.report.paper import parse_paper
+from ioulab.platform.report.paper import Paper, PaperRow, paper_columns, parse_paper
+from ioulab.platform.report.render import Report, results_markdown, results_rows, to_html
+from ioulab.platform.report.runs import Trial
+from ioulab.platform.report.table import Variant, results_table
 from ioulab.platform.sweep.space import load_space
 from tests.platform.report.helpers import cli, md_tables
 from tests.platform.report.store import SweepStore, ap
@@ -109,3 +113,31 @@ def test_parse_paper_reads_the_space_files_block_back():
     assert [(r.variant, r.values, r.delta) for r in paper.rows] == [
         (r.variant, r.values, r.delta) for r in plan.paper.rows]
     assert parse_paper({}) is None and parse_paper({"ioulab.paper": "[1]"}) is None
+
+
+def _variant(value: str, ap_: float) -> Variant:
+    trial = Trial(run_id=f"{value:0>32}", name=value, status="FINISHED", run_status="FINISHED", stage="train",
+                  params={"k": value}, metrics={"AP": ap_, "AP90": ap_ - 20}, tags={})
+    return Variant({"k": value}, f"k={value}", [trial])
+
+
+def test_paper_columns_line_up_with_intervals_and_the_source_stays_text():
+    variants = [_variant("a", 30.0), _variant("b", 31.0), _variant("c", 29.0)]
+    table = results_table(variants, variants[0], columns=("AP", "AP90"))
+    iv = SimpleNamespace(delta=1.0, low=0.2, high=1.8, excludes_zero=True)
+    table.intervals = {v.name: {"AP": iv, "AP90": iv} for v in variants[1:]}
+    source = '<script>alert("x")</script> | table 3'
+    paper = Paper(source, [PaperRow({"k": "a"}, {"AP": 37.8}), PaperRow({"k": "b"}, {"AP": 38.7, "AP90": 17.5}),
+                           PaperRow({"k": "zzz"}, {"AP": 1.0})])
+    table.paper = paper_columns(paper, table.rows, table.baseline, published_deltas=True)
+    header, rows, _ = results_rows(table)
+    assert header == ["Variant", "AP", "AP90", "ΔAP [95 % CI]", "vs baseline", "paper AP", "paper AP90",
+                      "paper ΔAP", "n", "AP std"]
+    assert all(len(r) == len(header) for r in rows)  # the Improvement row too
+    assert [[c for c, _ in r[5:8]] for r in rows[:3]] == [["37.8", "—", "baseline"], ["38.7", "17.5", "+0.9"],
+                                                          ["—", "—", "—"]]
+    md = results_markdown(table)
+    assert all(len(r) == len(header) for r in md_tables(md)[0])
+    assert "Paper row k=zzz: no variant with results." in md
+    page = to_html(Report(title="t", table=table))
+    assert "<script" not in page and html.escape(source) in page
