@@ -79,7 +79,8 @@ def threshold_figure(table: ResultsTable) -> Figure:
 
 def delta_figure(table: ResultsTable) -> Figure:
     """ΔAP of every variant against the baseline, as horizontal bars (green up, red down) with
-    their 95 % bootstrap intervals as error bars; a bar whose interval contains 0 is grey."""
+    their 95 % bootstrap intervals as error bars; a bar whose interval contains 0 is grey; the
+    paper's ΔAP (when the sweep has a paper block) as a white diamond on its row."""
     rows = [r for r in table.rows if r is not table.baseline and table.delta_ap(r) is not None]
     fig = _figure(height=max(2.0, 0.35 * len(rows) + 1.2))
     ax = fig.add_subplot()
@@ -95,6 +96,12 @@ def delta_figure(table: ResultsTable) -> Figure:
         err = [[max(d - iv.low, 0.0) for _, d, iv in with_ci], [max(iv.high - d, 0.0) for _, d, iv in with_ci]]
         ax.errorbar(xs, ys, xerr=err, fmt="none", ecolor="black", elinewidth=1.2, capsize=4,
                     label="95 % interval (paired bootstrap)")
+    paper = [(i, table.paper.delta(r)) for i, r in enumerate(rows)] if table.paper is not None else []
+    paper = [(i, d) for i, d in paper if d is not None]
+    if paper:
+        ax.plot([d for _, d in paper], [i for i, _ in paper], "D", color="black", markerfacecolor="white",
+                label="the paper's ΔAP")
+    if with_ci or paper:
         ax.legend(fontsize=8, loc="best")
     ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=8)
     ax.invert_yaxis()

@@ -3,7 +3,7 @@
 Writes ``report.md`` (+ PNG charts) and a self-contained ``report.html`` into ``--out``
 (default ``reports/<sweep name>/``) and logs them under ``report/`` of the sweep's parent run, so
 they show in the MLflow UI. Reads: the parent run (tags ``ioulab.varying_keys``,
-``ioulab.baseline``) and its child runs (``mlflow.parentRunId``); see :mod:`.runs`.
+``ioulab.baseline``, ``ioulab.paper``) and its child runs (``mlflow.parentRunId``); see :mod:`.runs`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from ioulab.platform.report import charts as CH
 from ioulab.platform.report import table as T
 from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, MatchStore, attach_intervals
+from ioulab.platform.report.paper import paper_columns, parse_paper
 from ioulab.platform.report.render import Chart, Report, results_markdown, status_line, to_html, to_markdown
 from ioulab.platform.report.runs import ReportError, Sweep, load_sweep, parent_latency
 
@@ -110,6 +111,10 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
     if not spec and base is not None:
         notes.append(f"no baseline in the space file: the first variant, {base.name}")
     table = T.results_table(variants, base, notes=notes)
+    paper = parse_paper(sweep.tags)
+    if paper is not None:  # the published Δs are against the space file's baseline
+        published = bool(sweep.baseline) and base is not None and bool(T.matching([base], sweep.baseline))
+        table.paper = paper_columns(paper, table.rows, base, published)
 
     report = Report(title=f"Ablation report: {sweep.name}", table=table,
                     keys={labels[k]: k for k in ident}, trials=sweep.trials, notes=list(sweep.notes))

@@ -7,6 +7,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from ioulab.platform.report.paper import caption as paper_caption
 from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import (MISSING, NMS_METRICS, NmsBlock, ResultsTable, fmt, fmt_cell,
                                           fmt_interval, status_counts, verdict)
@@ -57,9 +58,14 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
     with bootstrap intervals the ΔAP column shows them and a "vs baseline" column says whether
     the difference is real)."""
     ci = bool(table.intervals)
+    paper = table.paper
     header = ["Variant", *table.columns]
     if stats:
-        header += (["ΔAP [95 % CI]", "vs baseline"] if ci else ["ΔAP"]) + ["n", "AP std"]
+        header += ["ΔAP [95 % CI]", "vs baseline"] if ci else ["ΔAP"]
+    if paper is not None:
+        header += [f"paper {m}" for m in paper.metrics] + ["paper ΔAP"]
+    if stats:
+        header += ["n", "AP std"]
     rows, classes = [], []
     for v in table.rows:
         is_base = v is table.baseline
@@ -70,6 +76,9 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
             cells += [("baseline", "num") if is_base else _delta_cell(table.delta_ap(v), interval)]
             if ci:
                 cells += [("", "") if is_base else (verdict(interval) or "no interval", "")]
+        if paper is not None:
+            cells += _paper_cells(paper, v, is_base)
+        if stats:
             cells += [(str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
         rows.append(cells)
         classes.append("baseline" if is_base else "best" if v is table.best else "")
@@ -78,10 +87,22 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         cells += [_delta_cell(table.improvement.get(c), table.improvement_interval(c), mark=True)
                   for c in table.columns]
         if stats:
-            cells += [("", "")] + ([(verdict(table.improvement_interval("AP")), "")] if ci else []) + [("", "")] * 2
+            cells += [("", "")] + ([(verdict(table.improvement_interval("AP")), "")] if ci else [])
+        if paper is not None:
+            cells += [("", "")] * (len(paper.metrics) + 1)
+        if stats:
+            cells += [("", "")] * 2
         rows.append(cells)
         classes.append("improvement")
     return header, rows, classes
+
+
+def _paper_cells(paper, v, is_base: bool) -> list[Cell]:
+    """The paper's values for variant ``v`` and the paper's Δ beside ours (— without a number)."""
+    cells: list[Cell] = [(fmt(paper.value(v, m)), "num") for m in paper.metrics]
+    if is_base:
+        return cells + [("baseline" if paper.has_row(v) else MISSING, "num")]
+    return cells + [_delta_cell(paper.delta(v, "AP"))]
 
 
 def improvement_caption(table: ResultsTable) -> str:
@@ -169,6 +190,8 @@ def table_notes(table: ResultsTable) -> list[str]:
     out = [improvement_caption(table)] if table.improvement is not None else []
     if table.no_results:
         out.append("No finished trial: " + "; ".join(v.name for v in table.no_results))
+    if table.paper is not None:
+        out += paper_caption(table.paper)
     return out + list(table.stats_notes) + [f"Note: {n}" for n in table.notes]
 
 

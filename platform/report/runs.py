@@ -1,7 +1,8 @@
 """Read sweeps and runs back from MLflow, following the naming contract the sweep writes.
 
 Parent run per sweep: tags ``ioulab.role=sweep``, ``ioulab.sweep=<name>``, ``ioulab.varying_keys``
-(JSON list), ``ioulab.baseline`` (JSON dict), ``ioulab.space_file``, ``ioulab.git_commit``.
+(JSON list), ``ioulab.baseline`` (JSON dict), ``ioulab.space_file``, ``ioulab.git_commit``,
+``ioulab.paper`` (JSON: the space file's ``paper:`` block, when it has one; see :mod:`.paper`).
 Child run per trial: tags ``mlflow.parentRunId``, ``ioulab.role=trial``, ``ray.trial_id``,
 ``ioulab.stage`` (train|eval), ``ioulab.trial_status``, eval trials ``ioulab.train_run_id``;
 params = the flattened config (dotted keys), metrics ``AP``, ``AP50``, ... and ``loss/<name>``.

@@ -16,9 +16,12 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ioulab.platform.report.runs import ReportError, Trial
+
+if TYPE_CHECKING:
+    from ioulab.platform.report.paper import PaperColumns
 
 TABLE_METRICS = ("AP", "AP50", "AP60", "AP70", "AP80", "AP90")  # the papers' columns
 NMS_METRICS = ("AP", "AP50", "AP75", "AP90")
@@ -231,6 +234,7 @@ class ResultsTable:
     # -> Interval (``delta``, ``low``, ``high``, ``excludes_zero``); empty when unavailable
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats_notes: list[str] = field(default_factory=list)       # resolution, unavailable intervals
+    paper: PaperColumns | None = None   # the paper's numbers beside ours (platform/report/paper.py)
 
     def interval(self, row: Variant, metric: str):
         return self.intervals.get(row.name, {}).get(metric)

@@ -366,9 +366,13 @@ def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
             "ioulab.storage": root, "ioulab.profile": plan.profile or ""}
     if plan.description:
         tags["mlflow.note.content"] = plan.description
+    if plan.paper is not None:  # read back by platform/report/paper.py
+        tags["ioulab.paper"] = json.dumps(plan.paper.to_json(), default=str)
     spool = Path(root, "mlflow_spool", "parent.jsonl") if not _is_uri(root) else None
     parent = MlflowRun(uri, experiment, run_name=plan.name, tags=tags, spool=spool,
                        find_tags={"ioulab.sweep_id": state["sweep_id"], "ioulab.role": "sweep"})
+    if parent.reattached and plan.paper is not None:  # --resume: the space file's numbers as they are now
+        parent.set_tags({"ioulab.paper": tags["ioulab.paper"]})
     if not parent.reattached:
         fixed = {k: v for k, v in C.flatten(C.from_dict(plan.train_config)).items() if k not in plan.varying_keys}
         parent.log_params(fixed)

@@ -29,6 +29,11 @@ Schema (every key optional except a grid or variants)::
     profiles: {cpu: {...}, r50: {...}} # named overrides of the keys above; --profile NAME
                                        # (set and grid merge key by key, the rest replaces)
     default_profile: cpu
+    paper:                             # the paper's published numbers for rows of this sweep
+      source: "IoUNet reproduction, ablation"   # shown by ``ioulab report`` beside ours
+      rows:                            # variant: varying keys naming one variant (seeds aside);
+        - {variant: {inference.mode: baseline}, AP: 37.8}         # metrics in percent, and/or
+        - {variant: {inference.refine.lam: 2.0}, delta: {AP: 0.1}}  # the published Δ vs baseline
 
 Stages. ``inference.*`` keys change no weights. Every grid point is split into its training part
 (all other keys) and its inference part. With ``checkpoint:`` nothing is trained and every point
@@ -61,12 +66,15 @@ MLFLOW_PREFIX = "mlflow:"
 
 TOP_KEYS = ("name", "description", "base", "set", "grid", "variants", "baseline", "metric", "mode",
             "resources", "concurrency", "max_failures", "early_stopping", "checkpoint", "train",
-            "eval", "profiles", "default_profile", "keep_checkpoints")
+            "eval", "profiles", "default_profile", "keep_checkpoints", "paper")
 PROFILE_KEYS = ("base", "set", "grid", "variants", "baseline", "resources", "concurrency", "max_failures",
                 "early_stopping", "checkpoint", "train", "eval", "description", "keep_checkpoints")
 STAGE_KEYS = {"train": ("set", "resources", "concurrency"), "eval": ("resources", "concurrency")}
 RESOURCE_KEYS = ("cpu", "gpu")
 EARLY_STOPPING_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
+PAPER_KEYS = ("source", "rows")
+PAPER_ROW_KEYS = ("variant", "delta", *METRICS)
+PAPER_TAG_LIMIT = 8000  # MLflow's longest tag value (the block travels as the tag ioulab.paper)
 
 
 class SpaceError(UserError, ValueError):
@@ -118,6 +126,30 @@ class EvalPoint(Point):
 
 
 @dataclass
+class PaperRow:
+    """The paper's numbers for one variant: ``values`` (metric -> percent) and/or ``delta``
+    (metric -> the published difference to the sweep's baseline, in points)."""
+
+    variant: dict[str, Any]
+    values: dict[str, float]
+    delta: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"variant": self.variant, **self.values, **({"delta": self.delta} if self.delta else {})}
+
+
+@dataclass
+class Paper:
+    """The space file's ``paper:`` block: published numbers to print beside the sweep's own."""
+
+    source: str
+    rows: list[PaperRow]
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "rows": [r.to_json() for r in self.rows]}
+
+
+@dataclass
 class Plan:
     """What a sweep runs. ``config`` is the fixed config of every trial (base + set + --set) as a
     dict (``config.to_dict``); points add their overrides to it."""
@@ -142,6 +174,7 @@ class Plan:
     baseline: dict[str, Any]
     description: str = ""
     source_text: str = field(default="", repr=False)
+    paper: Paper | None = None       # not part of the fingerprint: it changes no trial
 
     @property
     def result_stage(self) -> str:
@@ -302,6 +335,80 @@ def _unique(parts: list[dict]) -> list[dict]:
         if part not in seen:
             seen.append(part)
     return seen
+
+
+def _percent(value: Any, where: str, minimum: float) -> float:
+    number = _number(value, where, minimum)
+    if number > 100:
+        raise SpaceError(f"{where} must be <= 100 (percent), got {value!r}")
+    return number
+
+
+def _paper_variant(raw: Any, where: str, cfg: C.Config, varying: list[str]) -> dict[str, Any]:
+    """A paper row's ``variant``: varying keys, with their values typed as the config types them."""
+    variant = _overrides(raw, f"{where}.variant")
+    if not variant:
+        raise SpaceError(f"{where}.variant must name the row's variant: {{<varying key>: <value>, ...}}")
+    for key in variant:
+        if key not in varying:
+            raise SpaceError(f"{where}.variant.{key} does not vary in this sweep{_near(key, varying)}")
+    typed = C.clone(cfg)
+    _apply(typed, variant, f"{where}.variant")
+    flat = C.flatten(typed)
+    return {k: flat[k] for k in variant}
+
+
+def _paper(raw: Any, where: str, cfg: C.Config, flats: list[dict], varying: list[str],
+           baseline: dict[str, Any]) -> Paper | None:
+    """The ``paper:`` block, checked: each row names exactly one variant of the sweep (seeds
+    aside) and no variant twice; metric names as the evaluator's; numbers in percent."""
+    if raw is None:
+        return None
+    where = f"{where}: paper"
+    data = _mapping(raw, where)
+    _check_keys(data, PAPER_KEYS, where)
+    source = data.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise SpaceError(f"{where}.source must name the paper and its table, got {source!r}")
+    if not isinstance(data.get("rows"), list) or not data["rows"]:
+        raise SpaceError(f"{where}.rows must be a non-empty list of {{variant: {{...}}, AP: ...}}")
+    named = [k for k in varying if k.rsplit(".", 1)[-1] != "seed"]  # seeds are repeats of a variant
+    rows: list[PaperRow] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data["rows"]):
+        at = f"{where}.rows[{i}]"
+        row = _mapping(item, at)
+        for key in row:
+            if key not in PAPER_ROW_KEYS:
+                raise SpaceError(f"{at}: {key!r} is neither a metric nor variant/delta"
+                                 f"{_near(str(key), PAPER_ROW_KEYS)}")
+        variant = _paper_variant(row.get("variant"), at, cfg, varying)
+        hits = _unique([{k: f[k] for k in named} for f in flats if all(f[k] == v for k, v in variant.items())])
+        if not hits:
+            raise SpaceError(f"{at}.variant {_label(variant)} matches no grid point or variant of the sweep")
+        if len(hits) > 1:
+            raise SpaceError(f"{at}.variant {_label(variant)} matches {len(hits)} variants "
+                             f"({'; '.join(_label(h) for h in hits)}); add keys to name one")
+        ident = json.dumps(hits[0], sort_keys=True, default=str)
+        if ident in seen:
+            raise SpaceError(f"{at}.variant names the variant of rows[{seen[ident]}] again")
+        seen[ident] = i
+        values = {m: _percent(row[m], f"{at}.{m}", 0) for m in METRICS if m in row}
+        deltas = _mapping(row.get("delta"), f"{at}.delta")
+        for key in deltas:
+            if key not in METRICS:
+                raise SpaceError(f"{at}.delta: {key!r} is not a metric{_near(str(key), METRICS)}")
+        delta = {m: _percent(v, f"{at}.delta.{m}", -100) for m, v in deltas.items()}
+        if delta and all(hits[0][k] == v for k, v in baseline.items() if k in hits[0]):
+            raise SpaceError(f"{at}: delta on the baseline's own row (the paper's Δ is vs the baseline)")
+        if not values and not delta:
+            raise SpaceError(f"{at} gives no number: AP: ... (metrics in percent) or delta: {{AP: ...}}")
+        rows.append(PaperRow(variant, values, delta))
+    paper = Paper(source.strip(), rows)
+    size = len(json.dumps(paper.to_json(), default=str))
+    if size > PAPER_TAG_LIMIT:
+        raise SpaceError(f"{where} is {size} characters as JSON; MLflow tags hold {PAPER_TAG_LIMIT}")
+    return paper
 
 
 def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = (),
@@ -512,6 +619,7 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         baseline |= {k: matching[0][k] for k in varying if k not in baseline
                      and all(f[k] == matching[0][k] for f in matching)}
         baseline = {k: baseline[k] for k in varying if k in baseline}
+    paper = _paper(data.get("paper"), where, train_cfg, flats, varying, baseline)
 
     sweep_name = name or data.get("name") or path.stem
     if chosen and not name and not data.get("name"):
@@ -527,7 +635,7 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         eval_overrides=eval_fixed, checkpoint=checkpoint, metric=metric, mode=mode,
         train=stages["train"], eval=stages["eval"], max_failures=max_failures, keep_checkpoints=keep,
         early_stopping=early, varying_keys=varying, baseline=baseline,
-        description=str(description or ""), source_text=text)
+        description=str(description or ""), source_text=text, paper=paper)
 
 
 def trial_config(plan: Plan, point: Point) -> C.Config:
@@ -553,4 +661,7 @@ def describe(plan: Plan) -> str:
         lines.append(f"  evaluation trials: {len(plan.eval_points)} of {source} (cpu {r.cpu:g}, "
                      f"gpu {r.gpu:g}, {plan.eval.concurrency} at a time)")
         lines += [f"    eval  {p.index:3d}  {p.label}" for p in plan.eval_points]
+    if plan.paper is not None:
+        lines.append(f"  paper: {plan.paper.source} ({len(plan.paper.rows)} rows, "
+                     "printed beside ours by `ioulab report`)")
     return "\n".join(lines)

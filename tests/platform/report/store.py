@@ -35,11 +35,12 @@ class SweepStore:
         self._clock += 1000
         return self._clock
 
-    def parent(self, name: str, varying: list[str], baseline: dict | None = None) -> str:
+    def parent(self, name: str, varying: list[str], baseline: dict | None = None,
+               tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.exp, run_name=name, start_time=self._tick(), tags={
             "ioulab.role": "sweep", "ioulab.sweep": name, "ioulab.space_file": f"search_spaces/{name}.yaml",
             "ioulab.git_commit": "fb2e192", "ioulab.varying_keys": json.dumps(varying),
-            "ioulab.baseline": json.dumps(baseline or {})})
+            "ioulab.baseline": json.dumps(baseline or {}), **(tags or {})})
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
