@@ -99,6 +99,11 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     flip_prob: float = 0.5
     num_workers: int = 2
+    # Drop training images whose target has no box (no annotation, or only crowd / degenerate
+    # boxes), as detectron2 (DATALOADER.FILTER_EMPTY_ANNOTATIONS), Detectron (the DIoU code) and
+    # mmdetection (filter_empty_gt; it keeps crowd-only images) do by default. Validation is never
+    # filtered. Configs stored before this key: false.
+    filter_empty_train: bool = True
 
 
 @dataclass
@@ -253,12 +258,18 @@ class TrainConfig:
         "lr_steps": UNIT, "gamma": POSITIVE, "warmup_iters": NON_NEGATIVE,
         "warmup_factor": Range(0, 1, lo_open=True), "grad_clip": NON_NEGATIVE,
         "checkpoint_period": AT_LEAST_1, "eval_period": NON_NEGATIVE, "keep_checkpoints": NON_NEGATIVE,
-        "log_period": AT_LEAST_1, "seed": NON_NEGATIVE}
+        "log_period": AT_LEAST_1, "seed": NON_NEGATIVE, "bias_lr_factor": POSITIVE}
 
     batch_size: int = 16
     lr: float = 0.02  # for batch_size (linear scaling rule: change both together)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # Which 1-D parameters weight_decay also applies to (see engine/train.py param_groups):
+    # all (every parameter: mmdetection's default, the IoUNet reproduction) | bias (biases yes,
+    # normalization layers no: detectron2's default) | none (neither: the DIoU code's Detectron
+    # rule for biases). Configs stored before this key: none.
+    weight_decay_1d: str = "all"
+    bias_lr_factor: float = 1.0  # LR multiplier of every `bias` parameter (the DIoU code: 2.0)
     epochs: float = 12.0
     max_iters: int = 0  # > 0 overrides epochs
     lr_steps: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of the run
@@ -366,6 +377,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.iou_nms.rank": ("iou", "iou_x_score"),
     "inference.iou_nms.boxes": ("per_class", "argmax"),
     "train.amp_dtype": ("bfloat16", "float16"),
+    "train.weight_decay_1d": ("all", "bias", "none"),
 }
 
 # String keys with an open set of values: (regular expression, what to write).
@@ -743,6 +755,11 @@ def from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
     if train.get("amp") is True and "amp_dtype" not in train:
         # Stored before train.amp_dtype existed, when train.amp=true meant "on CUDA only".
         data = {**data, "train": {**train, "amp": None}}
+    # Stored before these keys existed: the behaviour of then (every training image kept, no weight
+    # decay on 1-D parameters), not the new defaults.
+    for section, key, then in (("data", "filter_empty_train", False), ("train", "weight_decay_1d", "none")):
+        if section in data and key not in data[section]:
+            data = {**data, section: {**data[section], key: then}}
     cfg = Config()
     _apply_nested(cfg, data, source)
     return cfg

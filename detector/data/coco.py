@@ -158,12 +158,15 @@ class CocoDetection(torch.utils.data.Dataset):
             if False, `dataset[i]` never flips. Crowd boxes are left out of targets either way
             (evaluation reads them from the JSON through pycocotools).
         flip_prob: probability of a horizontal flip when `train` is True.
+        filter_empty: drop the images whose target has no box (no annotation, or only crowd or
+            degenerate ones), as detectron2 and mmdetection do for training;
+            `num_empty_dropped` counts them. Never for evaluation.
 
     Items: `dataset[i]` or `dataset[(i, flip)]`; the explicit flag replaces the random draw, so
     a sampler can decide flips reproducibly (see `loader.InfiniteLoader`).
     """
 
-    def __init__(self, ann_file, img_dir, train: bool, flip_prob: float = 0.5):
+    def __init__(self, ann_file, img_dir, train: bool, flip_prob: float = 0.5, filter_empty: bool = False):
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.ann_file = Path(ann_file)
@@ -185,6 +188,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
         self._check_references()
         self._targets, dropped, kept = self._build_targets()
+        self.num_empty_dropped = self._drop_empty() if filter_empty else 0
         self._check_image_files()
         if dropped:
             warnings.warn(
@@ -201,6 +205,17 @@ class CocoDetection(torch.utils.data.Dataset):
                     f"file's categories {sorted(self.cat_id_to_label)}")
             if ann.get("image_id") not in self.coco.imgs:
                 raise DataError(f"{where} refers to an image id that is not in 'images'")
+
+    def _drop_empty(self) -> int:
+        """Keep only the images with at least one box in their target; returns how many went."""
+        keep = [i for i, (boxes, _) in enumerate(self._targets) if len(boxes)]
+        if not keep:
+            raise DataError(f"{self.ann_file}: no image has a usable box (all annotations are crowd or "
+                            "degenerate): nothing to train on")
+        dropped = len(self.ids) - len(keep)
+        self.ids = [self.ids[i] for i in keep]
+        self._targets = [self._targets[i] for i in keep]
+        return dropped
 
     def _check_image_files(self) -> None:
         """Every listed image exists, opens, is complete and has the JSON's size (no decoding)."""

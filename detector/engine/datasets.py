@@ -3,6 +3,7 @@ default generated once into the cache. Opening a dataset validates it (``data.co
 fails here, before any training, with a one-line error naming the file."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ioulab.detector.config import DataConfig
@@ -48,18 +49,25 @@ def absolutize(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
+def _open(cfg: DataConfig, split: str, ann: Path, img: Path) -> CocoDetection:
+    """``train`` flips with ``cfg.flip_prob`` and drops images without boxes if
+    ``cfg.filter_empty_train`` (saying how many on stderr); ``val`` is never filtered."""
+    if split != "train":
+        return CocoDetection(ann, img, train=False)
+    dataset = CocoDetection(ann, img, train=True, flip_prob=cfg.flip_prob, filter_empty=cfg.filter_empty_train)
+    if dataset.num_empty_dropped:
+        print(f"[ioulab] data.filter_empty_train: dropped {dataset.num_empty_dropped} training image(s) "
+              f"without a usable box from {ann.name}; {len(dataset)} left", file=sys.stderr)
+    return dataset
+
+
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
-    """The validated dataset of one split (``train`` flips with ``cfg.flip_prob``)."""
-    ann, img = resolve_paths(cfg)[split]
-    if split == "train":
-        return CocoDetection(ann, img, train=True, flip_prob=cfg.flip_prob)
-    return CocoDetection(ann, img, train=False)
+    """The validated dataset of one split (see :func:`_open`)."""
+    return _open(cfg, split, *resolve_paths(cfg)[split])
 
 
 def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
     """Both splits, each validated as it is opened (so a broken validation file fails before
     training, not after it)."""
     paths = resolve_paths(cfg)
-    train = CocoDetection(*paths["train"], train=True, flip_prob=cfg.flip_prob)
-    val = CocoDetection(*paths["val"], train=False)
-    return train, val
+    return _open(cfg, "train", *paths["train"]), _open(cfg, "val", *paths["val"])

@@ -80,14 +80,44 @@ def lr_factor(cfg: C.TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
+# Normalization layers whose affine parameters ``weight_decay_1d=bias`` exempts (detectron2's list;
+# torchvision's FrozenBatchNorm2d holds buffers, not parameters).
+NORM_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+              torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+              torch.nn.LayerNorm)
+
+
+def _decayed(module: torch.nn.Module, param: torch.Tensor, rule: str) -> bool:
+    """Whether ``weight_decay`` applies to ``param`` of ``module`` under ``train.weight_decay_1d``."""
+    if rule == "none":  # no 1-D parameter: biases and norm weights (Detectron's rule for biases)
+        return param.ndim > 1
+    if rule == "bias":  # everything but normalization layers (detectron2: WEIGHT_DECAY_NORM = 0)
+        return not isinstance(module, NORM_TYPES)
+    return True  # all: torch.optim's plain SGD, mmdetection without paramwise_cfg
+
+
+def param_groups(model: torch.nn.Module, cfg: C.TrainConfig) -> list[dict]:
+    """SGD parameter groups of the trainable parameters: ``weight_decay`` where
+    ``cfg.weight_decay_1d`` says (else 0) and ``lr`` × ``cfg.bias_lr_factor`` for every parameter
+    named ``bias``. One group per (decayed, lr) pair, those at the base LR first (the logged LR is
+    group 0's), decayed before exempt: ``none`` with factor 1 gives the two groups of checkpoints
+    written before these keys existed, so they resume."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            scale = cfg.bias_lr_factor if name == "bias" else 1.0
+            groups.setdefault((_decayed(module, p, cfg.weight_decay_1d), scale), []).append(p)
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, not k[0]))
+    return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[0] else 0.0, "lr": cfg.lr * k[1]}
+            for k in order]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
-    # No weight decay on norm layers and biases (as detectron2's default "norm" weight decay 0).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
 
 
 def resume_point(cfg: C.Config, out_dir: str | Path, resume: bool, device: str | torch.device = "cpu",

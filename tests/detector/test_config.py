@@ -359,3 +359,35 @@ def test_iounet_reproduction_options(key, default, choices):
         node = node[part]
     del node[leaf]
     assert C.flatten(C.from_dict(stored))[key] == default
+
+
+def test_papers_training_data_and_weight_decay_rule():
+    """r50_fpn_1x (and the dataclass defaults): the papers' code drops training images without boxes
+    and decays every parameter (the IoUNet reproduction on MMDetection); cpu_tiny keeps ioulab's
+    earlier no-decay-on-1-D rule."""
+    for cfg in (C.Config(), C.load_config("r50_fpn_1x")):
+        assert cfg.data.filter_empty_train is True
+        assert (cfg.train.weight_decay, cfg.train.weight_decay_1d, cfg.train.bias_lr_factor) == (1e-4, "all", 1.0)
+    tiny = C.load_config("cpu_tiny")
+    assert (tiny.data.filter_empty_train, tiny.train.weight_decay_1d) == (True, "none")
+    diou = C.load_config("r50_fpn_1x", ["train.weight_decay_1d=none", "train.bias_lr_factor=2"])
+    assert (diou.train.weight_decay_1d, diou.train.bias_lr_factor) == ("none", 2.0)
+    with pytest.raises(C.ConfigError, match="^--set: train.weight_decay_1d='norm' is not one of all, bias, none$"):
+        C.load_config("cpu_tiny", ["train.weight_decay_1d=norm"])
+    with pytest.raises(C.ConfigError, match="^--set: train.bias_lr_factor=0.0 must be > 0$"):
+        C.load_config("cpu_tiny", ["train.bias_lr_factor=0"])
+
+
+@pytest.mark.parametrize("preset", ["cpu_tiny", "r50_fpn_1x"])
+def test_configs_stored_before_filter_empty_and_weight_decay_1d_keep_their_meaning(preset):
+    """Checkpoints and sweep plans written when every training image was kept and no 1-D parameter
+    was decayed load with that behaviour, whatever the new defaults."""
+    old = C.to_dict(C.load_config(preset))
+    del old["data"]["filter_empty_train"], old["train"]["weight_decay_1d"]
+    cfg = C.from_dict(old)
+    assert (cfg.data.filter_empty_train, cfg.train.weight_decay_1d) == (False, "none")
+    assert cfg.train.bias_lr_factor == 1.0  # its default is the old behaviour
+    # stored with the keys: kept as stored
+    for stored in (C.load_config(preset), C.load_config(preset, ["data.filter_empty_train=false",
+                                                                  "train.weight_decay_1d=bias"])):
+        assert C.from_dict(C.to_dict(stored)) == stored

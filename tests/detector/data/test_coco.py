@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from ioulab.detector.data.coco import CocoDetection, hflip_boxes
+from ioulab.detector.data.coco import CocoDetection, DataError, hflip_boxes
 from ioulab.detector.data.loader import build_eval_loader
 
 from .conftest import write_coco
@@ -169,3 +169,32 @@ def test_coco_attribute_is_the_pycocotools_index_and_construction_is_quiet(coco_
     assert isinstance(ds.coco, COCO)
     assert ds.coco.dataset == json.loads(ann_file.read_text())
     assert capsys.readouterr().out == ""  # pycocotools' "loading annotations..." is swallowed
+
+
+# Image ids 1..5: 1 and 4 have boxes; 2 has no annotation, 3 only a crowd box, 5 only a degenerate one.
+FILTER_IMAGES = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 20} for i in range(1, 6)]
+FILTER_ANNOTATIONS = [  # (image id, bbox, iscrowd)
+    {"id": k, "image_id": image_id, "category_id": 1, "bbox": bbox, "iscrowd": crowd}
+    for k, (image_id, bbox, crowd) in enumerate([(1, [1, 1, 5, 5], 0), (3, [1, 1, 5, 5], 1), (4, [2, 2, 6, 6], 0),
+                                                (4, [0, 0, 3, 3], 1), (5, [3, 3, 0, 4], 0)], start=1)]
+
+
+def test_filter_empty_drops_exactly_the_images_without_a_box(tmp_path):
+    files = write_coco(tmp_path, FILTER_IMAGES, FILTER_ANNOTATIONS, [{"id": 1, "name": "cat"}])
+    kept = _dataset(files, train=True, filter_empty=True)
+    assert kept.ids == [1, 4] and len(kept) == 2 and kept.num_empty_dropped == 3
+    assert [kept.get(i, False)[1]["image_id"] for i in range(2)] == [1, 4]  # targets follow their images
+    assert kept.get(1, False)[1]["boxes"].tolist() == [[2, 2, 8, 8]]
+    assert kept.num_classes == 1 and kept.label_to_cat_id == [-1, 1]  # categories unchanged
+    everything = _dataset(files, train=True)  # the default keeps every image
+    assert everything.ids == [1, 2, 3, 4, 5] and everything.num_empty_dropped == 0
+
+
+def test_filter_empty_does_not_need_the_dropped_images_and_refuses_an_empty_result(tmp_path):
+    files = write_coco(tmp_path, FILTER_IMAGES, FILTER_ANNOTATIONS, [{"id": 1, "name": "cat"}])
+    (files[1] / "2.png").unlink()  # never read once dropped
+    assert _dataset(files, train=True, filter_empty=True).ids == [1, 4]
+    crowd_only = write_coco(tmp_path / "crowd", FILTER_IMAGES[2:3], FILTER_ANNOTATIONS[1:2],
+                            [{"id": 1, "name": "cat"}])
+    with pytest.raises(DataError, match=r"crowd/ann.json: no image has a usable box"):
+        _dataset(crowd_only, train=True, filter_empty=True)

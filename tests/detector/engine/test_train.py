@@ -7,7 +7,7 @@ import torch
 from ioulab.detector.engine import checkpoint as ckpt_io
 from ioulab.detector.engine.cocoeval import Accumulator, Matches
 from ioulab.detector.engine.evaluate import evaluate_checkpoint, load_trained
-from ioulab.detector.engine.train import NonFiniteLossError, lr_factor, train
+from ioulab.detector.engine.train import NonFiniteLossError, build_optimizer, lr_factor, param_groups, train
 from ioulab.detector import config as C
 
 
@@ -189,3 +189,83 @@ def test_open_log_keeps_each_iteration_once(tmp_path):
     with open_log(log, 0):
         pass
     assert log.read_text() == ""  # a fresh start (no checkpoint) drops the killed attempt's lines
+
+
+class _Tiny(torch.nn.Module):
+    """conv (weight, bias) -> BatchNorm -> linear (weight, bias) -> LayerNorm, a frozen parameter and
+    a parameter shared by two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 2)
+        self.ln = torch.nn.LayerNorm(2)
+        self.frozen = torch.nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        self.tied = torch.nn.Linear(4, 2, bias=False)
+        self.tied.weight = self.fc.weight
+
+
+def _named_groups(model, **train):
+    cfg = C.TrainConfig(lr=0.1, weight_decay=1e-4, **train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(sorted(names[id(p)] for p in g["params"]), g["weight_decay"], pytest.approx(g["lr"]))
+            for g in param_groups(model, cfg)]
+
+
+WEIGHTS = ["conv.weight", "fc.weight"]
+BIASES = ["conv.bias", "fc.bias"]
+NORMS = ["bn.bias", "bn.weight", "ln.bias", "ln.weight"]
+RULES = {  # (weight_decay_1d, bias_lr_factor): [(params, weight decay, lr), ...] in group order
+    ("none", 1.0): [(WEIGHTS, 1e-4, 0.1), (sorted(BIASES + NORMS), 0.0, 0.1)],  # ioulab before the key
+    ("bias", 1.0): [(sorted(WEIGHTS + BIASES), 1e-4, 0.1), (NORMS, 0.0, 0.1)],  # detectron2's default
+    ("all", 1.0): [(sorted(WEIGHTS + BIASES + NORMS), 1e-4, 0.1)],  # mmdetection / plain SGD
+    # the DIoU code (Detectron): biases without decay at twice the LR
+    ("none", 2.0): [(WEIGHTS, 1e-4, 0.1), (["bn.weight", "ln.weight"], 0.0, 0.1),
+                    (sorted(BIASES + ["bn.bias", "ln.bias"]), 0.0, 0.2)],
+    ("all", 2.0): [(WEIGHTS + ["bn.weight", "ln.weight"], 1e-4, 0.1),
+                   (sorted(BIASES + ["bn.bias", "ln.bias"]), 1e-4, 0.2)],
+}
+
+
+@pytest.mark.parametrize("rule, factor", list(RULES), ids=[f"{r}-x{f:g}" for r, f in RULES])
+def test_param_groups_per_weight_decay_rule(rule, factor):
+    groups = _named_groups(_Tiny(), weight_decay_1d=rule, bias_lr_factor=factor)
+    assert groups == [(sorted(p), wd, pytest.approx(lr)) for p, wd, lr in RULES[(rule, factor)]]
+
+
+def test_rule_none_keeps_the_optimizer_layout_of_older_checkpoints():
+    """Before train.weight_decay_1d: [ndim > 1 with decay, ndim <= 1 without], in named_parameters
+    order, so their optimizer states load."""
+    model = _Tiny()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, C.TrainConfig(weight_decay_1d="none"))
+    assert [[id(p) for p in g["params"]] for g in groups] == [
+        [id(p) for p in trainable if p.ndim > 1], [id(p) for p in trainable if p.ndim <= 1]]
+    old = torch.optim.SGD([{"params": groups[0]["params"], "weight_decay": 1e-4},
+                           {"params": groups[1]["params"], "weight_decay": 0.0}], lr=0.02, momentum=0.9)
+    build_optimizer(model, C.TrainConfig(weight_decay_1d="none")).load_state_dict(old.state_dict())
+
+
+@pytest.mark.parametrize("rule", ["none", "bias", "all"])
+def test_weight_decay_moves_exactly_the_decayed_parameters(rule):
+    """With zero loss gradients, one SGD step changes a parameter iff the rule decays it; the bias
+    LR factor scales the biases' LR through the schedule."""
+    model = _Tiny()
+    cfg = C.TrainConfig(lr=0.1, weight_decay=0.5, weight_decay_1d=rule, bias_lr_factor=3.0)
+    with torch.no_grad():
+        for p in model.parameters():  # norms' biases start at 0, which decay leaves where it is
+            p.fill_(1.0)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, 100))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    moved = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    expected = {"none": WEIGHTS, "bias": WEIGHTS + BIASES, "all": WEIGHTS + BIASES + NORMS}[rule]
+    assert moved == sorted(expected)
+    scheduler.step()
+    lrs = sorted({round(g["lr"] / optimizer.param_groups[0]["lr"], 9) for g in optimizer.param_groups})
+    assert lrs == [1.0, 3.0] and optimizer.param_groups[0]["lr"] < cfg.lr  # warming up

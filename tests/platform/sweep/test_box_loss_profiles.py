@@ -35,3 +35,15 @@ def test_nms_trains_the_diou_codes_ciou(profile, v_grad):
 def test_r50_preset_is_the_iounet_reproductions_l1_baseline():
     b = C.load_config("r50_fpn_1x").model.roi_heads.box_loss
     assert (b.type, b.weight) == ("l1", 1.0)
+
+
+@pytest.mark.parametrize("name", ["box_loss.yaml", "nms.yaml"])
+def test_diou_r50_profiles_use_the_diou_codes_optimizer_rule(name):
+    """Detectron (the DIoU code): no weight decay on biases and twice their learning rate;
+    r50_fpn_1x itself follows the IoUNet reproduction (every parameter decayed, factor 1)."""
+    plan = load_space(SPACES / name, profile="r50")
+    for point in plan.train_points:
+        train = trial_config(plan, point).train
+        assert (train.weight_decay_1d, train.bias_lr_factor) == ("none", 2.0)
+    preset = C.load_config("r50_fpn_1x").train
+    assert (preset.weight_decay_1d, preset.bias_lr_factor) == ("all", 1.0)
