@@ -645,10 +645,19 @@ def trial_config(plan: Plan, point: Point) -> C.Config:
     return cfg
 
 
+def fixed_settings(plan: Plan) -> list[str]:
+    """``key=value`` of every setting all trials share whose value is not the dataclass default
+    (the preset's and the space file's choices, e.g. the papers' settings of an ``r50`` profile)."""
+    defaults = C.flatten(C.Config())
+    shared = C.flatten(C.from_dict(plan.train_config))
+    return [f"{k}={v}" for k, v in shared.items() if k not in plan.varying_keys and v != defaults.get(k)]
+
+
 def describe(plan: Plan) -> str:
     """A human summary of the plan (``ioulab sweep --dry-run``)."""
     lines = [f"sweep {plan.name} ({plan.space_file}{', profile ' + plan.profile if plan.profile else ''})",
              f"  varying: {', '.join(plan.varying_keys)}",
+             f"  fixed (where not ioulab's defaults): {', '.join(fixed_settings(plan)) or 'none'}",
              f"  metric: {plan.metric} ({plan.mode})"]
     if plan.train_points:
         r = plan.train.resources

@@ -47,3 +47,17 @@ def test_diou_r50_profiles_use_the_diou_codes_optimizer_rule(name):
         assert (train.weight_decay_1d, train.bias_lr_factor) == ("none", 2.0)
     preset = C.load_config("r50_fpn_1x").train
     assert (preset.weight_decay_1d, preset.bias_lr_factor) == ("all", 1.0)
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("box_loss.yaml", ["model.roi_heads.box_loss.smooth_l1_beta=1.0", "model.roi_heads.box_loss.ciou_v_grad=reference",
+                       "train.weight_decay_1d=none", "train.bias_lr_factor=2.0"]),
+    ("ablation.yaml", ["model.iou_head.init=reference", "model.iou_head.roi_generator.balance=reference",
+                       "inference.iou_nms.boxes=argmax", "model.roi_heads.box_loss.type=l1"]),
+])
+def test_dry_run_of_an_r50_profile_shows_the_papers_values(name, shown, capsys):
+    from ioulab.platform.cli import main
+
+    assert main(["sweep", str(SPACES / name), "--profile", "r50", "--dry-run"]) == 0
+    (fixed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  fixed (")]
+    assert all(f" {s}," in fixed + "," for s in shown), fixed
