@@ -44,8 +44,9 @@ class NonFiniteLossError(UserError, FloatingPointError):
 class TrainResult:
     metrics: dict[str, float]
     checkpoint: Path
-    iterations: int
-    seconds_per_iter: float
+    iterations: int                 # the schedule's total
+    seconds_per_iter: float         # over the iterations this call ran
+    start: int = 0                  # iterations done before this call (resume), 0 for a fresh run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,4 +284,4 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
         logger.log_artifact(out_dir / artifact)
     if on_checkpoint is not None:
         on_checkpoint(total, path, metrics)
-    return TrainResult(metrics, path, total, seconds_per_iter)
+    return TrainResult(metrics, path, total, seconds_per_iter, start)

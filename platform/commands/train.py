@@ -85,6 +85,17 @@ def print_metrics(metrics: dict[str, float]) -> None:
     print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
 
 
+def trained_line(result, wall: float) -> str:
+    """What this call trained: a resumed run names the iterations it ran, not the schedule's total."""
+    total, start = result.iterations, result.start
+    if start == 0:
+        return f"trained {total} iterations in {wall:.0f} s ({result.seconds_per_iter:.2f} s/iter)"
+    if start >= total:
+        return f"all {total} iterations were already trained (resumed at {start}); evaluated in {wall:.0f} s"
+    return (f"trained iterations {start + 1}-{total} of {total} (resumed at {start}) in {wall:.0f} s "
+            f"({result.seconds_per_iter:.2f} s/iter)")
+
+
 def run(args) -> int:
     from ioulab.detector.engine.datasets import absolutize
     from ioulab.detector.engine.train import resume_point, train
@@ -112,8 +123,9 @@ def run(args) -> int:
             tracker.close(status)
     wall = time.perf_counter() - t0
     (out / "timing.json").write_text(json.dumps({"wall_seconds": wall, "iterations": result.iterations,
+                                                 "resumed_from": result.start,
                                                  "seconds_per_iter": result.seconds_per_iter}, indent=2))
-    print(f"\ntrained {result.iterations} iterations in {wall:.0f} s ({result.seconds_per_iter:.2f} s/iter)")
+    print("\n" + trained_line(result, wall))
     print_metrics(result.metrics)
     print(f"outputs:    {out}  (metrics.json, detections.json, checkpoints/)")
     if tracker is not None and tracker.run is not None:

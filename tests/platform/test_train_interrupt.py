@@ -83,6 +83,10 @@ def _resume_and_compare(synth_root, run, straight, cwd):
     for k, v in straight.items():
         assert torch.equal(weights[k], v), k
     assert not list((run / "checkpoints").glob(".*.tmp"))
+    # the summary names what this call ran, not the schedule's total
+    resumed_at = json.loads((run / "timing.json").read_text())["resumed_from"]
+    assert 0 < resumed_at < ITERS
+    assert f"trained iterations {resumed_at + 1}-{ITERS} of {ITERS} (resumed at {resumed_at})" in done.stdout
     return done
 
 
