@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import distance_box_iou_loss, generalized_box_iou_loss
 
-__all__ = ["BOX_LOSSES", "CIOU_V_GRADS", "DELTA_LOSSES", "ciou_loss", "diou_loss", "giou_loss",
-           "iou_loss", "l1_delta_loss", "paired_iou", "smooth_l1_delta_loss"]
+__all__ = ["BOX_LOSSES", "CIOU_V_GRADS", "DELTA_LOSSES", "at_least_float32", "ciou_loss", "diou_loss",
+           "giou_loss", "iou_loss", "l1_delta_loss", "paired_iou", "smooth_l1_delta_loss"]
 
 CIOU_V_GRADS = ("exact", "reference")
 
 
-def _upcast(boxes: Tensor) -> Tensor:
-    # float16/bfloat16 -> float32; float32/float64 unchanged (same rule as torchvision's losses).
-    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+def at_least_float32(x: Tensor) -> Tensor:
+    """float16 / bfloat16 (autocast outputs) → float32; float32 / float64 unchanged (torchvision's
+    losses' rule). The losses, the NMS variants and the box head compute in at least float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -71,7 +72,7 @@ def paired_iou(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     torchvision only has the pairwise N x M ``box_iou``; its diagonal would cost N².
     Zero-area pairs give 0 (eps in the denominator), not NaN.
     """
-    pred, target = _upcast(pred), _upcast(target)
+    pred, target = at_least_float32(pred), at_least_float32(target)
     inter, union = _inter_union(pred, target)
     return inter / (union + eps)
 
@@ -90,7 +91,7 @@ def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
     pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``generalized_box_iou_loss``
     computes exactly this (eps in both denominators, half -> float32 upcast), so it is used as is.
     """
-    return generalized_box_iou_loss(_upcast(pred), _upcast(target), reduction=reduction, eps=eps)
+    return generalized_box_iou_loss(at_least_float32(pred), at_least_float32(target), reduction=reduction, eps=eps)
 
 
 def diou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
@@ -99,7 +100,7 @@ def diou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
     pred, target: Tensor[N, 4] xyxy -> Tensor[N]. torchvision's ``distance_box_iou_loss`` is the
     same formula with eps added to IoU's and c²'s denominators, so it is used as is.
     """
-    return distance_box_iou_loss(_upcast(pred), _upcast(target), reduction=reduction, eps=eps)
+    return distance_box_iou_loss(at_least_float32(pred), at_least_float32(target), reduction=reduction, eps=eps)
 
 
 def _aspect_angle(boxes: Tensor, eps: float) -> Tensor:
@@ -151,7 +152,7 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
     """
     if v_grad not in CIOU_V_GRADS:
         raise ValueError(f"v_grad must be one of {', '.join(CIOU_V_GRADS)}, got {v_grad!r}")
-    pred, target = _upcast(pred), _upcast(target)
+    pred, target = at_least_float32(pred), at_least_float32(target)
     iou = paired_iou(pred, target, eps)
     # DIoU part from torchvision: same formula and eps handling as in diou_loss above.
     loss_diou = distance_box_iou_loss(pred, target, reduction="none", eps=eps)

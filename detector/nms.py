@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ioulab.detector.losses import at_least_float32
+
 __all__ = ["batched_diou_nms", "batched_iou_guided_nms", "diou_nms", "iou_guided_nms"]
 
 # Pairs whose IoU is computed at once: bounds the temporaries (~100 kB each) and keeps every op
@@ -37,12 +39,9 @@ _CHUNK_PAIRS = 32000
 # The sweep's bound is loosened by 1% of t·w_a so float rounding in the IoU cannot make the
 # bound drop a pair whose computed IoU is just above t.
 _SWEEP_SLACK = 0.99
-
-
-def _upcast(boxes: Tensor) -> Tensor:
-    # Half-precision inputs (e.g. autocast outputs): areas, ratios and IoU x score in float32,
-    # like the losses. Rounded values convert exactly, so the result is the float32 one on them.
-    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+# Half-precision inputs (e.g. autocast outputs): areas, ratios and IoU x score are computed in
+# float32 (at_least_float32), like the losses. Rounded values convert exactly, so the result is the
+# float32 one on them.
 
 
 def _take(values: Tensor, index: Tensor) -> Tensor:
@@ -197,7 +196,7 @@ def _diou_nms(boxes: Tensor, scores: Tensor, labels: Tensor | None, iou_threshol
     if boxes.numel() == 0:
         return _empty_keep(boxes)
     order = scores.argsort(descending=True, stable=True)
-    src, dst = _suppressions(_upcast(boxes), labels, order, iou_threshold, beta)
+    src, dst = _suppressions(at_least_float32(boxes), labels, order, iou_threshold, beta)
     return _take(order, _greedy_keep(order.numel(), src, dst).nonzero().squeeze(1))
 
 
@@ -230,7 +229,7 @@ def batched_diou_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
 def _iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, labels: Tensor | None,
                     iou_threshold: float, rank: str) -> tuple[Tensor, Tensor]:
     # IoU x score of half-type inputs in float32: a bfloat16 product would create rank ties.
-    scores, ious = _upcast(scores), _upcast(ious)
+    scores, ious = at_least_float32(scores), at_least_float32(ious)
     if rank == "iou":
         key = ious
     elif rank == "iou_x_score":
@@ -240,7 +239,7 @@ def _iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, labels: Tensor 
     if boxes.numel() == 0:
         return _empty_keep(boxes), scores.new_empty(0)
     order = key.argsort(descending=True, stable=True)
-    src, dst = _suppressions(_upcast(boxes), labels, order, iou_threshold, None)
+    src, dst = _suppressions(at_least_float32(boxes), labels, order, iou_threshold, None)
     num = order.numel()
     keep = _greedy_keep(num, src, dst)
     # The greedy loop removes a box with the first kept box that overlaps it: its best-ranked

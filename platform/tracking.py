@@ -37,8 +37,10 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ioulab.detector.errors import UserError  # noqa: E402
+# The naming contract; absolute_uri and default_tracking_uri are re-exported for callers of this module.
+from ioulab.platform.mlflow_names import (absolute_uri, default_tracking_uri, has_tags,  # noqa: E402,F401
+                                          resolve_tracking_uri, tag_filter)
 
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: works across processes
 MAX_PARAM_LEN = 6000
 # Error codes for a record the server will never accept (as opposed to an outage).
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
@@ -55,24 +57,6 @@ class TrackingAuthError(UserError):
     """The tracking server refused the credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
 
 
-def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else an SQLite file in the working directory, as an absolute URI
-    (Ray trials change their working directory: a relative URI would point elsewhere)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return absolute_uri(env)
-    return f"sqlite:///{(Path(cwd or os.getcwd()) / 'mlflow.db').resolve()}"
-
-
-def absolute_uri(uri: str) -> str:
-    """Make ``sqlite:///relative.db`` and bare paths absolute; leave server URIs alone."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
 def set_request_timeout(seconds: int) -> None:
     """Bound every MLflow HTTP request of this process (and of the processes it starts) to
     ``seconds``, with no client-side retry: a tracking server that accepts connections but never
@@ -81,29 +65,6 @@ def set_request_timeout(seconds: int) -> None:
         raise ValueError(f"MLflow request timeout must be >= 1 s, got {seconds}")
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(seconds))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-
-
-def tag_filter(tags: dict[str, str]) -> str:
-    """An MLflow search filter selecting runs that carry ``tags`` (any values: MLflow's filter
-    language has no escape character, so a value is quoted with the quote it does not contain;
-    one containing both kinds is matched with LIKE, ``_`` standing for each quote, and the caller
-    must check the exact values: :func:`has_tags`)."""
-    parts = []
-    for key, value in tags.items():
-        if "`" in key:
-            raise ValueError(f"tag key {key!r} contains a backquote")
-        value = str(value)
-        if "'" not in value:
-            parts.append(f"tags.`{key}` = '{value}'")
-        elif '"' not in value:
-            parts.append(f'tags.`{key}` = "{value}"')
-        else:
-            parts.append(f"tags.`{key}` LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'")
-    return " and ".join(parts)
-
-
-def has_tags(run, tags: dict[str, str]) -> bool:
-    return all(run.data.tags.get(k) == str(v) for k, v in tags.items())
 
 
 def _clean_params(params: dict[str, Any]) -> dict[str, str]:
@@ -425,7 +386,7 @@ def _main(argv: list[str]) -> int:
                    help="MLflow tracking URI the records go to; must be the one the file was written "
                         "for (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     args = p.parse_args(argv)
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = resolve_tracking_uri(args.tracking_uri)
     try:
         left = replay_file(args.spool, uri)
     except SpoolError as exc:

@@ -1,8 +1,9 @@
 """The factory: the only code that reads the model/inference config and picks callables.
 
-``build_model(model_cfg, num_classes, inference_cfg)`` returns a :class:`Detector`;
-``configure_inference(model, inference_cfg)`` re-applies test-time knobs to a trained model without
-touching its weights (eval-only sweeps rely on that).
+``build_model(cfg, num_classes, inference, load_pretrained)`` returns a :class:`Detector`;
+``configure_inference(model, inference)`` re-applies the test-time knobs to a built model without
+touching its weights (``ioulab bench latency`` times every inference mode on one model that way;
+evaluations build their model from the checkpoint's config with the overrides already applied).
 """
 from __future__ import annotations
 
@@ -167,11 +168,12 @@ def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig |
 
 
 def configure_inference(model: Detector, inference: InferenceConfig) -> Detector:
-    """Apply test-time knobs (score threshold, detections per image, NMS) to a built model."""
+    """Apply the test-time knobs (score threshold, detections per image, NMS, inference mode) to a
+    built model. ``heads.nms`` carries the NMS threshold (torchvision's ``nms_thresh`` is unused:
+    ``postprocess_detections`` is ours)."""
     heads = model.roi_heads
     heads.score_thresh = inference.score_thresh
     heads.detections_per_img = inference.detections_per_img
-    heads.nms_thresh = inference.nms.iou_threshold
     heads.nms = build_detection_nms(inference)
     if heads.iou_predictor is not None:
         heads.postprocess = build_postprocess_for(inference)

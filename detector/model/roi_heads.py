@@ -27,7 +27,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from ioulab.detector.losses import paired_iou, smooth_l1_delta_loss
+from ioulab.detector.losses import at_least_float32, paired_iou, smooth_l1_delta_loss
 from ioulab.detector.model.iou_head import IoUHead, IoULoss, select_class
 from ioulab.detector.model.roi_generator import IoUBalancedRoIGenerator
 
@@ -37,11 +37,6 @@ DetectionNMS = Callable[[Tensor, Tensor, Tensor], Tensor]
 PairLoss = Callable[..., Tensor]
 # (pred deltas Tensor[P, 4], target deltas Tensor[P, 4], reduction) -> loss ; encoded deltas
 DeltaLoss = Callable[..., Tensor]
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Half-type tensors (autocast outputs) to float32; float32 / float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class BoxRegressionLoss:
@@ -144,7 +139,7 @@ class DetectionRoIHeads(RoIHeads):
         """(class_logits Tensor[R, K], box_regression Tensor[R, K*4]), at least float32."""
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         class_logits, box_regression = self.box_predictor(self.box_head(pooled))
-        return _at_least_float32(class_logits), _at_least_float32(box_regression)
+        return at_least_float32(class_logits), at_least_float32(box_regression)
 
     def _forward_box_train(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
         if targets is None:

@@ -115,7 +115,7 @@ def _timed(fn):
 
 
 def run(args) -> BenchResult:
-    from ioulab.detector.engine import cocoeval as CE
+    from ioulab.detector.engine import cocoeval
     from ioulab.detector.engine.bootstrap import paired_bootstrap
 
     sizes = SMOKE if args.smoke else FULL
@@ -126,17 +126,17 @@ def run(args) -> BenchResult:
     title = (f"COCO evaluation: {args.images} images, {args.categories} categories, "
              f"{args.dets_per_image} detections per image ({len(det_a)} detections)")
     rows = []
-    metrics, t_ours = _timed(lambda: CE.evaluate(gt, det_a))
+    metrics, t_ours = _timed(lambda: cocoeval.evaluate(gt, det_a))
     ours_row = {"step": "ours: COCO evaluation (faster-coco-eval C++)", "seconds": t_ours, "AP": metrics["AP"]}
     if not args.skip_pycocotools:
         ref, t_ref = _timed(lambda: pycocotools_metrics(gt, det_a))
         rows.append({"step": "pycocotools COCOeval", "seconds": t_ref, "AP": ref["AP"], "speed-up": 1.0,
                      "max |Δ| vs pycocotools": 0.0})
         ours_row.update({"speed-up": t_ref / t_ours,
-                         "max |Δ| vs pycocotools": float(max(abs(metrics[k] - ref[k]) for k in CE.METRIC_KEYS))})
+                         "max |Δ| vs pycocotools": float(max(abs(metrics[k] - ref[k]) for k in cocoeval.METRIC_KEYS))})
     rows.append(ours_row)
-    match_a, t_match = _timed(lambda: CE.match(gt, det_a))
-    match_b, t_match_b = _timed(lambda: CE.match(gt, det_b))
+    match_a, t_match = _timed(lambda: cocoeval.match(gt, det_a))
+    match_b, t_match_b = _timed(lambda: cocoeval.match(gt, det_b))
     rows.append({"step": "per-image matching kept as arrays (area all), per variant", "seconds": t_match})
     result, t_boot = _timed(lambda: paired_bootstrap(match_a, match_b, metrics=BOOTSTRAP_METRICS,
                                                      resamples=args.resamples, seed=args.seed))

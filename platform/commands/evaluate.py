@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ioulab.platform import mlflow_names
 from ioulab.platform.commands.train import add_tracking_arguments, open_run, print_metrics
 
 
@@ -29,8 +30,8 @@ def run(args) -> int:
     # Checkpoint, config (the same checks as train) and data first: a failure creates no MLflow run.
     model, cfg, info, device = load_trained(args.checkpoint, args.overrides)
     val_set = build_dataset(cfg.data, "val")
-    tracker = open_run(args, out.name, out, {"ioulab.command": "eval", "ioulab.checkpoint":
-                                             str(Path(args.checkpoint).resolve())})
+    tracker = open_run(args, out.name, out,
+                       mlflow_names.command_tags("eval", checkpoint=str(Path(args.checkpoint).resolve())))
     status = "FAILED"
     try:
         metrics = evaluate_model(model, val_set, info["label_to_cat_id"], cfg.inference, device,
@@ -38,7 +39,7 @@ def run(args) -> int:
                                  amp=amp_policy(cfg.train, device))
         (out / "config.yaml").write_text(C.dump_yaml(cfg))
         if tracker is not None:
-            tracker.log_params(C.flatten(cfg))
+            tracker.log_params(mlflow_names.config_params(cfg))
             tracker.log_metrics(metrics, 0)
             for artifact in ("config.yaml", *EVAL_ARTIFACTS):
                 tracker.log_artifact(out / artifact)

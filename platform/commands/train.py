@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ioulab.detector import config as C
+from ioulab.platform import mlflow_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=mlflow_names.TRACKING_URI_HELP)
     p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
     p.add_argument("--mlflow-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="bound of each MLflow request; training waits at most this long per delivery "
@@ -44,13 +44,13 @@ def open_run(args, run_name: str, out: Path, tags: dict[str, str]):
     """The MLflow run of a CLI command, or None with --no-mlflow."""
     if args.no_mlflow:
         return None
-    from ioulab.platform.tracking import MlflowRun, absolute_uri, default_tracking_uri, set_request_timeout
+    from ioulab.platform.tracking import MlflowRun, set_request_timeout
 
     if getattr(args, "mlflow_timeout", None):
         set_request_timeout(args.mlflow_timeout)
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = mlflow_names.resolve_tracking_uri(args.tracking_uri)
     return MlflowRun(uri, args.experiment, run_name=run_name, tags=tags,
-                     find_tags={"ioulab.run_dir": str(out)} if getattr(args, "resume", False) else None,
+                     find_tags={mlflow_names.RUN_DIR: str(out)} if getattr(args, "resume", False) else None,
                      spool=out / "mlflow_pending.jsonl")
 
 
@@ -106,8 +106,7 @@ def run(args) -> int:
     absolutize(cfg.data)
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     resume_point(cfg, out, args.resume)  # a run that cannot start fails before any MLflow run
-    tags = {"ioulab.run_dir": str(out), "ioulab.command": "train",
-            "ioulab.config": str(args.config or C.DEFAULT_PRESET)}
+    tags = mlflow_names.command_tags("train", run_dir=str(out), config=str(args.config or C.DEFAULT_PRESET))
     # The trainer validates both data splits (and a resumed checkpoint) before its first record.
     tracker = None if args.no_mlflow else RunOnFirstRecord(lambda: open_run(args, out.name, out, tags))
     t0 = time.perf_counter()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from ioulab.platform.report import charts as CH
-from ioulab.platform.report import table as T
+from ioulab.platform import mlflow_names
+from ioulab.platform.report import charts, table
 from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, MatchStore, attach_intervals
 from ioulab.platform.report.paper import paper_columns, parse_paper
 from ioulab.platform.report.render import Chart, Report, results_markdown, status_line, to_html, to_markdown
@@ -25,7 +25,7 @@ from ioulab.platform.report.runs import ReportError, Sweep, load_sweep, parent_l
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep", metavar="SWEEP", help="sweep name (tag ioulab.sweep) or parent run id")
+    p.add_argument("sweep", metavar="SWEEP", help=f"sweep name (tag {mlflow_names.SWEEP}) or parent run id")
     add_tracking_argument(p)
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                    help="the baseline variant, repeatable; KEY is a dotted config key or a unique "
@@ -45,8 +45,7 @@ def add_interval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_tracking_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=mlflow_names.TRACKING_URI_HELP)
 
 
 def client_for(args):
@@ -54,9 +53,9 @@ def client_for(args):
     reports only read, so a mistyped path is an error instead of a new empty store."""
     from mlflow.tracking import MlflowClient
 
-    from ioulab.platform.tracking import absolute_uri, default_tracking_uri
+    import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings
 
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = mlflow_names.resolve_tracking_uri(args.tracking_uri)
     check_store_exists(uri)
     return MlflowClient(uri)
 
@@ -96,53 +95,53 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
                  bootstrap_seed: int = 0) -> tuple[Report, Sweep]:
     """Everything the report shows, from the sweep's runs (no files written)."""
     sweep = load_sweep(client, sweep_name)
-    shown = T.result_trials(sweep.trials)
-    varying = sweep.varying_keys or T.differing_keys([t.params for t in shown])
-    ident = T.identity_keys(varying, shown)
-    labels = T.short_labels(ident)
-    variants = T.group_variants(shown, ident, labels)
+    shown = table.result_trials(sweep.trials)
+    varying = sweep.varying_keys or table.differing_keys([t.params for t in shown])
+    ident = table.identity_keys(varying, shown)
+    labels = table.short_labels(ident)
+    variants = table.group_variants(shown, ident, labels)
 
     if baseline:
         known = set(ident).union(*(t.params for t in sweep.trials))
-        spec, source, strict = T.parse_baseline(baseline, known), "--baseline", True
+        spec, source, strict = table.parse_baseline(baseline, known), "--baseline", True
     else:
         spec, source, strict = sweep.baseline, "space file", False
-    base, notes = T.choose_baseline(variants, spec, source, strict)
+    base, notes = table.choose_baseline(variants, spec, source, strict)
     if not spec and base is not None:
         notes.append(f"no baseline in the space file: the first variant, {base.name}")
-    table = T.results_table(variants, base, notes=notes)
+    results = table.results_table(variants, base, notes=notes)
     paper = parse_paper(sweep.tags)
     if paper is not None:  # the published Δs are against the space file's baseline
-        published = bool(sweep.baseline) and base is not None and bool(T.matching([base], sweep.baseline))
-        table.paper = paper_columns(paper, table.rows, base, published)
+        published = bool(sweep.baseline) and base is not None and bool(table.matching([base], sweep.baseline))
+        results.paper = paper_columns(paper, results.rows, base, published)
 
-    report = Report(title=f"Ablation report: {sweep.name}", table=table,
+    report = Report(title=f"Ablation report: {sweep.name}", table=results,
                     keys={labels[k]: k for k in ident}, trials=sweep.trials, notes=list(sweep.notes))
     report.meta = _meta(client, sweep, ident, base, source if spec else "first variant")
     report.variant_of = _variant_names(sweep, shown, variants, ident, labels)
-    if any(T.is_nms_key(k) for k in ident):
-        report.nms = T.nms_blocks(shown, ident, base.values if base is not None else spec)
+    if any(table.is_nms_key(k) for k in ident):
+        report.nms = table.nms_blocks(shown, ident, base.values if base is not None else spec)
     if resamples > 0:
-        attach_intervals(table, MatchStore(client), report.nms, resamples, bootstrap_seed)
-    if T.LAMBDA_KEY in ident:
-        series = T.lambda_series(shown, varying)
+        attach_intervals(results, MatchStore(client), report.nms, resamples, bootstrap_seed)
+    if table.LAMBDA_KEY in ident:
+        series = table.lambda_series(shown, varying)
         best = "; ".join(f"{s.label}: best λ={s.best[0]:g} (AP {s.best[1]:.1f})" for s in series)
         report.charts.append(Chart("ap_vs_lambda", "AP against λ, one line per trained model",
-                                   CH.png_bytes(CH.lambda_figure(series)), best))
-    if table.rows:
+                                   charts.png_bytes(charts.lambda_figure(series)), best))
+    if results.rows:
         report.charts.append(Chart("ap_by_iou", "AP at each IoU threshold",
-                                   CH.png_bytes(CH.threshold_figure(table))))
-    if base is not None and len(table.rows) > 1:
+                                   charts.png_bytes(charts.threshold_figure(results))))
+    if base is not None and len(results.rows) > 1:
         report.charts.append(Chart("delta_ap", "ΔAP against the baseline" +
-                                   (" (95 % bootstrap intervals)" if table.intervals else ""),
-                                   CH.png_bytes(CH.delta_figure(table))))
+                                   (" (95 % bootstrap intervals)" if results.intervals else ""),
+                                   charts.png_bytes(charts.delta_figure(results))))
     report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
     return report, sweep
 
 
 def _meta(client, sweep: Sweep, ident: list[str], base, source: str) -> list[tuple[str, str]]:
     meta = [("sweep", sweep.name), ("parent run", sweep.parent_id), ("tracking URI", client.tracking_uri)]
-    for label, tag in (("space file", "ioulab.space_file"), ("git commit", "ioulab.git_commit")):
+    for label, tag in (("space file", mlflow_names.SPACE_FILE), ("git commit", mlflow_names.GIT_COMMIT)):
         if sweep.tags.get(tag):
             meta.append((label, sweep.tags[tag]))
     meta.append(("varying keys", ", ".join(ident) or "none"))
@@ -155,11 +154,11 @@ def _variant_names(sweep: Sweep, shown, variants, ident, labels) -> dict[str, st
     """Run id -> variant name for every trial; a train trial that eval trials evaluate is named by
     its model keys only (its inference settings are the evals')."""
     names = {t.run_id: v.name for v in variants for t in v.trials}
-    model_keys = [k for k in ident if not T.is_inference(k)]
+    model_keys = [k for k in ident if not table.is_inference(k)]
     for t in sweep.trials:
         if t.run_id not in names:
-            values = {k: t.params.get(k, T.MISSING) for k in (model_keys if t.stage == "train" else ident)}
-            names[t.run_id] = T.variant_name(values, labels, empty="model") + \
+            values = {k: t.params.get(k, table.MISSING) for k in (model_keys if t.stage == "train" else ident)}
+            names[t.run_id] = table.variant_name(values, labels, empty="model") + \
                 (" (trained model)" if t.stage == "train" else "")
     return names
 

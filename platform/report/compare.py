@@ -14,7 +14,7 @@ from collections import Counter
 
 from mlflow.exceptions import MlflowException
 
-from ioulab.platform.report import table as T
+from ioulab.platform.report import table
 from ioulab.platform.report.command import add_interval_arguments, add_tracking_argument, client_for
 from ioulab.platform.report.intervals import MatchStore, attach_intervals
 from ioulab.platform.report.render import results_markdown
@@ -30,14 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compare_table(trials: list[Trial],
-                  baseline_id: str | None = None) -> tuple[T.ResultsTable, dict[str, str]]:
+                  baseline_id: str | None = None) -> tuple[table.ResultsTable, dict[str, str]]:
     """The results table (one variant per run) and the full key of each short label."""
-    keys = T.differing_keys([t.params for t in trials])
-    labels = T.short_labels(keys)
+    keys = table.differing_keys([t.params for t in trials])
+    labels = table.short_labels(keys)
     variants = []
     for t in trials:
-        values = {k: t.params.get(k, T.MISSING) for k in keys}
-        variants.append(T.Variant(values, T.variant_name(values, labels, empty=t.name), [t]))
+        values = {k: t.params.get(k, table.MISSING) for k in keys}
+        variants.append(table.Variant(values, table.variant_name(values, labels, empty=t.name), [t]))
     counts = Counter(v.name for v in variants)
     for v in variants:  # identical params (e.g. repeats): tell the rows apart by run
         if counts[v.name] > 1:
@@ -45,7 +45,7 @@ def compare_table(trials: list[Trial],
     base_id = baseline_id or trials[0].run_id
     base = next(v for v in variants if v.trials[0].run_id == base_id)
     notes = [] if base.n else [f"the baseline run {base_id} did not finish: no Improvement row"]
-    return T.results_table(variants, base if base.n else None, notes=notes), {labels[k]: k for k in keys}
+    return table.results_table(variants, base if base.n else None, notes=notes), {labels[k]: k for k in keys}
 
 
 def run(args) -> int:
@@ -61,16 +61,16 @@ def run(args) -> int:
     except MlflowException as exc:
         print(f"ioulab compare: MLflow at {client.tracking_uri}: {exc}", file=sys.stderr)
         return 2
-    table, keys = compare_table(trials, args.baseline)
+    results, keys = compare_table(trials, args.baseline)
     if args.resamples > 0:
-        attach_intervals(table, MatchStore(client), resamples=args.resamples, seed=args.bootstrap_seed)
-    print(results_markdown(table))
+        attach_intervals(results, MatchStore(client), resamples=args.resamples, seed=args.bootstrap_seed)
+    print(results_markdown(results))
     aliases = [f"{s} = {k}" for s, k in keys.items() if s != k]
     if aliases:
         print("\nkeys: " + "; ".join(aliases))
     by_id = {t.run_id: t for t in trials}
     print("\nruns:")
-    for v in table.rows + table.no_results:
+    for v in results.rows + results.no_results:
         t = v.trials[0]
         print(f"  {v.name}: {t.run_id} ({by_id[t.run_id].run_status})")
     return 0

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ioulab.detector.engine import bootstrap as BS
+from ioulab.detector.engine import bootstrap
 from ioulab.detector.engine.cocoeval import Matches
 from ioulab.platform.report.table import NmsBlock, ResultsTable, Variant, fmt_delta
 
@@ -55,11 +55,11 @@ class _Bootstrapper:
         self.weights: np.ndarray | None = None
         self.image_ids: list[int] | None = None
         self.first: Matches | None = None    # every variant is checked against the first one
-        self._samples: dict[int, BS.VariantSamples | None] = {}
+        self._samples: dict[int, bootstrap.VariantSamples | None] = {}
         self.missing: list[str] = []        # run ids without logged matches
         self.errors: list[str] = []
 
-    def samples(self, v: Variant, metrics) -> BS.VariantSamples | None:
+    def samples(self, v: Variant, metrics) -> bootstrap.VariantSamples | None:
         if id(v) in self._samples:
             return self._samples[id(v)]
         runs = [(t.run_id, self.fetch(t.run_id)) for t in v.finished]
@@ -71,12 +71,12 @@ class _Bootstrapper:
             if self.weights is None:
                 self.first, self.image_ids = matches[0], matches[0].image_ids
                 rng = np.random.default_rng(self.seed)
-                self.weights = BS.resample_weights(len(self.image_ids), self.resamples, rng)
+                self.weights = bootstrap.resample_weights(len(self.image_ids), self.resamples, rng)
             try:
-                BS.check_same_images([self.first] + matches)
+                bootstrap.check_same_images([self.first] + matches)
                 rng = np.random.default_rng([self.seed, len(self._samples) + 1])
-                out = BS.variant_samples(matches, self.weights, metrics, rng)
-            except BS.BootstrapError as exc:
+                out = bootstrap.variant_samples(matches, self.weights, metrics, rng)
+            except bootstrap.BootstrapError as exc:
                 self.errors.append(f"{v.name}: {exc}")
         self._samples[id(v)] = out
         return out
@@ -112,7 +112,7 @@ def _compare_rows(boot: _Bootstrapper, baseline: Variant, rows: list[Variant], m
             continue
         s = boot.samples(row, metrics)
         if s is not None:
-            out[row.name] = BS.compare(base, s)
+            out[row.name] = bootstrap.compare(base, s)
 
 
 def _seed_variance(table: ResultsTable) -> tuple[float | None, int]:
@@ -141,11 +141,11 @@ def resolution_notes(table: ResultsTable, resamples: int, num_images: int) -> li
     if not np.isfinite(image_var):
         return [head]
     if seed_var is None:
-        resolvable = BS.resolvable_delta(0.0, image_var, 1)
+        resolvable = bootstrap.resolvable_delta(0.0, image_var, 1)
         return [head, f"With one seed per variant the intervals cover image noise only (seed noise is not "
                       f"measured): they resolve ΔAP of about ±{resolvable:.1f} or more; run several seeds "
                       "(train.seed) to include training noise."]
-    resolvable = BS.resolvable_delta(seed_var, image_var, seeds)
+    resolvable = bootstrap.resolvable_delta(seed_var, image_var, seeds)
     lines = [head, f"From the observed variance (AP std across seeds {np.sqrt(seed_var):.2f}, ΔAP std "
                    f"across image resamples {np.sqrt(image_var):.2f}), {seeds} seed(s) per variant and "
                    f"{num_images} images resolve ΔAP of about ±{resolvable:.1f} or more."]
@@ -153,7 +153,7 @@ def resolution_notes(table: ResultsTable, resamples: int, num_images: int) -> li
     if deltas:
         smallest, row = min(deltas, key=lambda dv: dv[0])
         own = table.interval(row, "AP")   # that comparison's own image noise, when it has one
-        need = BS.seeds_needed(smallest, seed_var, own.image_variance if own is not None else image_var)
+        need = bootstrap.seeds_needed(smallest, seed_var, own.image_variance if own is not None else image_var)
         if need is None:
             lines.append(f"The smallest reported ΔAP ({fmt_delta(smallest, 2)}) cannot be resolved by more "
                          "seeds alone: image noise is larger than it; more validation images are needed.")

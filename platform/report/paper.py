@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ioulab.platform.mlflow_names import PAPER
 from ioulab.platform.report.table import Variant, values_equal
 from ioulab.platform.sweep.space import Paper, PaperRow
 
-PAPER_TAG = "ioulab.paper"
 SHOWN = ("AP", "AP90")  # the paper's values printed in the results table (when a row gives them)
 
 
@@ -32,7 +32,7 @@ def _numbers(data: Any) -> dict[str, float]:
 def parse_paper(tags: dict[str, str]) -> Paper | None:
     """The parent run's paper block, or None (no tag, or a tag this version cannot read)."""
     try:
-        data = json.loads(tags.get(PAPER_TAG) or "null")
+        data = json.loads(tags.get(PAPER) or "null")
     except json.JSONDecodeError:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):

@@ -1,4 +1,5 @@
-"""Read sweeps and runs back from MLflow, following the naming contract the sweep writes.
+"""Read sweeps and runs back from MLflow, following the naming contract the sweep writes
+(:mod:`ioulab.platform.mlflow_names`).
 
 Parent run per sweep: tags ``ioulab.role=sweep``, ``ioulab.sweep=<name>``, ``ioulab.varying_keys``
 (JSON list), ``ioulab.baseline`` (JSON dict), ``ioulab.space_file``, ``ioulab.git_commit``,
@@ -23,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ioulab.detector.errors import UserError
+from ioulab.platform import mlflow_names
 
-PARENT_TAG = "mlflow.parentRunId"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # MLflow run status -> trial status, for runs that lack the ``ioulab.trial_status`` tag.
 _STATUS_FROM_RUN = {"FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "STOPPED"}
@@ -50,15 +51,16 @@ class Trial:
 
     @property
     def train_run_id(self) -> str | None:
-        return self.tags.get("ioulab.train_run_id")
+        return self.tags.get(mlflow_names.TRAIN_RUN_ID)
 
     @classmethod
     def from_run(cls, run) -> "Trial":
         tags = dict(run.data.tags)
-        status = tags.get("ioulab.trial_status") or _STATUS_FROM_RUN.get(run.info.status, run.info.status)
+        status = tags.get(mlflow_names.TRIAL_STATUS) or _STATUS_FROM_RUN.get(run.info.status, run.info.status)
         return cls(run_id=run.info.run_id,
-                   name=tags.get("ray.trial_id") or run.info.run_name or run.info.run_id[:8],
-                   status=status, run_status=run.info.status, stage=tags.get("ioulab.stage", "train"),
+                   name=tags.get(mlflow_names.TRIAL_ID) or run.info.run_name or run.info.run_id[:8],
+                   status=status, run_status=run.info.status,
+                   stage=tags.get(mlflow_names.STAGE, mlflow_names.DEFAULT_STAGE),
                    params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags,
                    start_time=run.info.start_time or 0)
 
@@ -103,8 +105,8 @@ def search_all(client: MlflowClient, filter_string: str, order_by: list[str] | N
 
 def known_sweeps(client: MlflowClient) -> list[tuple[str, str]]:
     """``[(sweep name, parent run id), ...]``, newest first."""
-    parents = search_all(client, "tags.`ioulab.role` = 'sweep'")
-    return [(r.data.tags.get("ioulab.sweep", r.info.run_name or "?"), r.info.run_id) for r in parents]
+    parents = search_all(client, mlflow_names.tag_filter({mlflow_names.ROLE: mlflow_names.ROLE_SWEEP}))
+    return [(r.data.tags.get(mlflow_names.SWEEP, r.info.run_name or "?"), r.info.run_id) for r in parents]
 
 
 def _known_text(client: MlflowClient) -> str:
@@ -132,13 +134,14 @@ def find_parent(client: MlflowClient, sweep: str) -> tuple[Any, list[str]]:
     if RUN_ID.match(sweep):
         run = _get_run(client, sweep)
         if run is not None:
-            role = run.data.tags.get("ioulab.role")
-            if role != "sweep":
-                raise ReportError(f"run {sweep} is not a sweep's parent run (ioulab.role={role}); "
+            role = run.data.tags.get(mlflow_names.ROLE)
+            if role != mlflow_names.ROLE_SWEEP:
+                raise ReportError(f"run {sweep} is not a sweep's parent run ({mlflow_names.ROLE}={role}); "
                                   f"`ioulab compare RUN_ID ...` tables any runs; {_known_text(client)}")
             return run, []
     safe = sweep.replace("'", "\\'")
-    found = search_all(client, f"tags.`ioulab.role` = 'sweep' and tags.`ioulab.sweep` = '{safe}'")
+    role = mlflow_names.tag_filter({mlflow_names.ROLE: mlflow_names.ROLE_SWEEP})
+    found = search_all(client, f"{role} and tags.`{mlflow_names.SWEEP}` = '{safe}'")
     if not found:
         raise ReportError(f"unknown sweep or run {sweep!r}; {_known_text(client)}")
     notes = []
@@ -153,7 +156,7 @@ def _dedupe_trials(trials: list[Trial]) -> list[Trial]:
     """One run per Ray trial id (the newest), in case a restore created a duplicate."""
     newest: dict[str, Trial] = {}
     for t in trials:
-        key = t.tags.get("ray.trial_id") or t.run_id
+        key = t.tags.get(mlflow_names.TRIAL_ID) or t.run_id
         if key not in newest or t.start_time > newest[key].start_time:
             newest[key] = t
     return sorted(newest.values(), key=lambda t: (t.start_time, t.name))
@@ -162,13 +165,13 @@ def _dedupe_trials(trials: list[Trial]) -> list[Trial]:
 def load_sweep(client: MlflowClient, sweep: str) -> Sweep:
     """Resolve ``sweep`` and read its child runs."""
     parent, notes = find_parent(client, sweep)
-    children = search_all(client, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    children = search_all(client, mlflow_names.tag_filter({mlflow_names.PARENT: parent.info.run_id}))
     trials = _dedupe_trials([Trial.from_run(r) for r in children])
     tags = dict(parent.data.tags)
-    return Sweep(name=tags.get("ioulab.sweep") or parent.info.run_name or parent.info.run_id,
+    return Sweep(name=tags.get(mlflow_names.SWEEP) or parent.info.run_name or parent.info.run_id,
                  parent_id=parent.info.run_id, tags=tags, trials=trials,
-                 varying_keys=_json_tag(tags, "ioulab.varying_keys", list),
-                 baseline=_json_tag(tags, "ioulab.baseline", dict), notes=notes)
+                 varying_keys=_json_tag(tags, mlflow_names.VARYING_KEYS, list),
+                 baseline=_json_tag(tags, mlflow_names.BASELINE, dict), notes=notes)
 
 
 def _json_tag(tags: dict[str, str], key: str, kind: type):

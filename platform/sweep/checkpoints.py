@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ioulab.detector import config as C
+from ioulab.platform import mlflow_names
 from ioulab.platform.sweep.space import MLFLOW_PREFIX, Plan, SpaceError, check_trial_config
 
 _NAME = re.compile(r"^model_\d{7}\.pth$")
@@ -61,16 +62,16 @@ def _from_mlflow(run_id: str, where: str, tracking_uri: str) -> str:
     artifacts = sorted(p for p in walk(None) if p.endswith(".pth"))
     if artifacts:
         return f"runs:/{run_id}/{artifacts[-1]}"
-    tagged = run.data.tags.get("ioulab.checkpoint")
+    tagged = run.data.tags.get(mlflow_names.CHECKPOINT)
     if tagged and ("://" in tagged or Path(tagged).is_file()):
         return tagged
-    run_dir = run.data.tags.get("ioulab.run_dir")
+    run_dir = run.data.tags.get(mlflow_names.RUN_DIR)
     if run_dir and Path(run_dir).is_dir():
         found = newest_in(Path(run_dir))
         if found is not None:
             return str(found)
     raise SpaceError(f"{where}: checkpoint: MLflow run {run_id} has no .pth artifact, no readable "
-                     f"ioulab.checkpoint tag ({tagged!r}) and no run folder with checkpoints ({run_dir!r})")
+                     f"{mlflow_names.CHECKPOINT} tag ({tagged!r}) and no run folder with checkpoints ({run_dir!r})")
 
 
 def resolve_checkpoint(source: str, where: str, tracking_uri: str) -> str:

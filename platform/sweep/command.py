@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from ioulab.platform.mlflow_names import TRACKING_URI_HELP
 from ioulab.platform.sweep.space import SpaceError, describe, load_space
 
 
@@ -23,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster address (auto, host:port); default: $RAY_ADDRESS, else a local Ray")
     p.add_argument("--storage", default=None, metavar="PATH|URI",
                    help="Tune storage (default ./ray_results; on a cluster: shared path or s3://...)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--experiment", default="ioulab", help="MLflow experiment name")
     p.add_argument("--name", default=None, help="sweep name (default: the file's name:, else its file name)")
     p.add_argument("--profile", default=None, help="profile of the space file (e.g. cpu, r50)")
@@ -65,10 +65,11 @@ def run(args) -> int:
                           checkpoint=args.checkpoint)
         checkpoint_ref = None
         if plan.checkpoint is not None:
+            import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings
+            from ioulab.platform.mlflow_names import resolve_tracking_uri
             from ioulab.platform.sweep.checkpoints import check_checkpoint, resolve_checkpoint
-            from ioulab.platform.tracking import absolute_uri, default_tracking_uri
 
-            uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+            uri = resolve_tracking_uri(args.tracking_uri)
             checkpoint_ref = resolve_checkpoint(plan.checkpoint, plan.space_file, uri)
             check_checkpoint(plan, checkpoint_ref)
     except SpaceError as exc:

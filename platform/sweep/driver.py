@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from ioulab.detector import config as C
 from ioulab.detector.errors import UserError
+from ioulab.platform import mlflow_names
 from ioulab.platform.sweep.codecheck import CodeMismatchError, check_working_dir, code_identity
 from ioulab.platform.sweep.space import METRICS, Plan
 
@@ -165,9 +166,7 @@ def check_tracking_uri(options: SweepOptions) -> None:
 
 def tracking_uri(options: SweepOptions) -> str:
     check_tracking_uri(options)
-    from ioulab.platform.tracking import absolute_uri, default_tracking_uri  # imports MLflow (seconds)
-
-    return absolute_uri(options.tracking_uri) if options.tracking_uri else default_tracking_uri()
+    return mlflow_names.resolve_tracking_uri(options.tracking_uri)
 
 
 def git_commit(*folders: Path) -> str:
@@ -244,10 +243,9 @@ def _prepare_configs(plan: Plan, local: bool) -> None:
     the synthetic dataset once here rather than in every trial."""
     from ioulab.detector.engine.datasets import absolutize, resolve_paths
 
-    for attr in ("config", "train_config"):
-        cfg = C.from_dict(getattr(plan, attr), source=f"{plan.space_file} (plan)")
-        absolutize(cfg.data)
-        setattr(plan, attr, C.to_dict(cfg))
+    cfg = C.from_dict(plan.train_config, source=f"{plan.space_file} (plan)")
+    absolutize(cfg.data)
+    plan.train_config = C.to_dict(cfg)
     for key, value in list(plan.eval_overrides.items()):
         if key in ("data.root", "data.train_ann", "data.train_images", "data.val_ann", "data.val_images") and value:
             plan.eval_overrides[key] = str(Path(value).expanduser().resolve())
@@ -358,23 +356,16 @@ def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
     from ioulab.platform.tracking import MlflowRun
 
     space = Path(plan.space_file).resolve()
-    tags = {"ioulab.role": "sweep", "ioulab.sweep": plan.name, "ioulab.space_file": plan.space_file,
-            "ioulab.git_commit": git_commit(space.parent, Path.cwd(), Path(__file__).resolve().parent),
-            "ioulab.varying_keys": json.dumps(plan.varying_keys),
-            "ioulab.baseline": json.dumps(plan.baseline, default=str), "ioulab.metric": plan.metric,
-            "ioulab.mode": plan.mode, "ioulab.result_stage": plan.result_stage,
-            "ioulab.storage": root, "ioulab.profile": plan.profile or ""}
-    if plan.description:
-        tags["mlflow.note.content"] = plan.description
-    if plan.paper is not None:  # read back by platform/report/paper.py
-        tags["ioulab.paper"] = json.dumps(plan.paper.to_json(), default=str)
+    commit = git_commit(space.parent, Path.cwd(), Path(__file__).resolve().parent)
+    tags = mlflow_names.sweep_tags(plan, root, commit)
     spool = Path(root, "mlflow_spool", "parent.jsonl") if not _is_uri(root) else None
     parent = MlflowRun(uri, experiment, run_name=plan.name, tags=tags, spool=spool,
-                       find_tags={"ioulab.sweep_id": state["sweep_id"], "ioulab.role": "sweep"})
+                       find_tags=mlflow_names.sweep_key(state["sweep_id"]))
     if parent.reattached and plan.paper is not None:  # --resume: the space file's numbers as they are now
-        parent.set_tags({"ioulab.paper": tags["ioulab.paper"]})
+        parent.set_tags({mlflow_names.PAPER: tags[mlflow_names.PAPER]})
     if not parent.reattached:
-        fixed = {k: v for k, v in C.flatten(C.from_dict(plan.train_config)).items() if k not in plan.varying_keys}
+        fixed = {k: v for k, v in mlflow_names.config_params(C.from_dict(plan.train_config)).items()
+                 if k not in plan.varying_keys}
         parent.log_params(fixed)
     return parent
 
@@ -471,8 +462,8 @@ def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRe
         if result.error is not None and m.get("code_mismatch"):
             error = f"CodeMismatchError: {m['code_mismatch']}"
         trial_id = m.get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
-        metrics = {k: float(v) for k, v in m.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in METRICS or k.startswith("loss/"))}
+        metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and (k in METRICS or mlflow_names.is_loss(k))}
         out.append(TrialRecord(stage=stage, index=point["index"], label=point["label"], trial_id=trial_id,
                                status=status, values=values_of(stage, point), metrics=metrics, node_ids=nodes,
                                seconds=float(m.get("trial_seconds", m.get("time_total_s", 0.0)) or 0.0),
@@ -490,9 +481,10 @@ def _train_run_ids(uri: str, experiment: str, sweep_id: str) -> dict[str, str]:
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
-        where = f"tags.`ioulab.sweep_id` = '{sweep_id}' and tags.`ioulab.stage` = 'train'"
+        where = mlflow_names.tag_filter({mlflow_names.SWEEP_ID: sweep_id, mlflow_names.STAGE: "train"})
         runs = client.search_runs([exp.experiment_id], filter_string=where, max_results=50000) if exp else []
-        return {r.data.tags["ray.trial_id"]: r.info.run_id for r in runs if "ray.trial_id" in r.data.tags}
+        trial_id = mlflow_names.TRIAL_ID
+        return {r.data.tags[trial_id]: r.info.run_id for r in runs if trial_id in r.data.tags}
     except Exception:  # noqa: BLE001 - an outage must not stop the sweep
         return {}
 
@@ -514,6 +506,7 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
         # store, the trainables' imports (torch, Tune).
         _prepare_configs(plan, local=not cluster_mode(options))
         uri = tracking_uri(options)
+        import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings, before any client
         try:
             from mlflow.tracking import MlflowClient
 
@@ -537,7 +530,7 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
         if parent.run_id and state.get("parent_run_id") != parent.run_id:
             state["parent_run_id"] = parent.run_id
             _write_text(_join(root, "sweep.json"), json.dumps(state, indent=2))
-        from ioulab.platform.sweep import trainable as T
+        from ioulab.platform.sweep import trainable
         print(f"[ioulab] sweep {plan.name}: {len(plan.train_points)} training + {len(plan.eval_points)} "
               f"evaluation trials; Tune storage {root}; MLflow {uri} (experiment {options.experiment}, "
               f"parent run {parent.run_id or 'pending'})", flush=True)
@@ -556,7 +549,8 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
         setup_seconds = time.perf_counter() - t_start
         if plan.train_points:
             ctx = _context(plan, state, uri, options.experiment, root, "train", state.get("parent_run_id"))
-            grid, seconds["train"] = _run_stage("train", T.train_trial, [p.to_json() for p in plan.train_points],
+            grid, seconds["train"] = _run_stage("train", trainable.train_trial,
+                                                [p.to_json() for p in plan.train_points],
                                                 ctx, plan, root, options.resume, callbacks, options.verbose)
             records += _records("train", grid, plan, root, values_of)
         if plan.eval_points:
@@ -576,7 +570,7 @@ def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> Sw
                 points.append(item)
             if points:
                 ctx = _context(plan, state, uri, options.experiment, root, "eval", state.get("parent_run_id"))
-                grid, seconds["eval"] = _run_stage("eval", T.eval_trial, points, ctx, plan, root,
+                grid, seconds["eval"] = _run_stage("eval", trainable.eval_trial, points, ctx, plan, root,
                                                    options.resume, callbacks, options.verbose)
                 records += _records("eval", grid, plan, root, values_of)
             skipped = len(plan.eval_points) - len(points)

@@ -23,7 +23,8 @@ from ioulab.detector import config as C
 from ioulab.platform.sweep.driver import (STATUS_TO_MLFLOW, TrialRecord, _is_uri, _join, _write_text,
                                           summary_markdown)
 from ioulab.platform.sweep.space import Plan
-from ioulab.platform.tracking import PARENT_TAG, MlflowRun, SpoolError, replay_file
+from ioulab.platform import mlflow_names
+from ioulab.platform.tracking import MlflowRun, SpoolError, replay_file
 
 
 def best_trial(plan: Plan, records: list[TrialRecord]) -> TrialRecord | None:
@@ -75,7 +76,7 @@ def _replay_spools(root: str, uri: str, deadline: float) -> bool:
 def _trial_params(plan: Plan, record: TrialRecord) -> dict:
     cfg = C.from_dict(plan.train_config)
     C.apply_overrides(cfg, record.values, source="plan")
-    return C.flatten(cfg)
+    return mlflow_names.config_params(cfg)
 
 
 def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: str | None, uri: str,
@@ -87,13 +88,14 @@ def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: s
     exp = client.get_experiment_by_name(experiment)
     runs = []
     if exp is not None:
-        where = f"tags.`ioulab.sweep_id` = '{state['sweep_id']}' and tags.`ioulab.role` = 'trial'"
+        where = mlflow_names.tag_filter({mlflow_names.SWEEP_ID: state["sweep_id"],
+                                         mlflow_names.ROLE: mlflow_names.ROLE_TRIAL})
         runs = client.search_runs([exp.experiment_id], filter_string=where, max_results=50000,
                                   order_by=["attributes.start_time ASC"])
     by_trial: dict[str, list] = {}
     for run in runs:
-        by_trial.setdefault(run.data.tags.get("ray.trial_id", ""), []).append(run)
-    writers: list[tuple[MlflowRun, str | None]] = []
+        by_trial.setdefault(run.data.tags.get(mlflow_names.TRIAL_ID, ""), []).append(run)
+    writers: list[tuple[MlflowRun, TrialRecord, dict[str, str], str | None]] = []
     for rec in records:
         found = by_trial.get(rec.trial_id, [])
         if len(found) > 1:
@@ -107,9 +109,9 @@ def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: s
         else:  # the trial never reached MLflow (e.g. it failed while the server was down)
             tags, status = {}, None
             writer = MlflowRun(uri, experiment, run_name=f"{rec.stage}-{rec.index:03d} {rec.label}",
-                               tags={"ioulab.role": "trial", "ioulab.sweep": plan.name, "ioulab.stage": rec.stage,
-                                     "ioulab.label": rec.label, "ioulab.point_index": str(rec.index)},
-                               find_tags={"ioulab.sweep_id": state["sweep_id"], "ray.trial_id": rec.trial_id})
+                               tags=mlflow_names.trial_tags(plan.name, rec.stage, label=rec.label,
+                                                            index=rec.index),
+                               find_tags=mlflow_names.trial_key(state["sweep_id"], rec.trial_id))
             rec.run_id = writer.run_id
             writer.log_params(_trial_params(plan, rec))
             if rec.metrics:
@@ -120,16 +122,13 @@ def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: s
     train_runs = {r.trial_id: r.run_id for r in records if r.stage == "train"}
     complete = True
     for writer, rec, tags, status in writers:
-        want = {"ioulab.trial_status": rec.status, "ioulab.role": "trial", "ioulab.sweep": plan.name,
-                "ioulab.stage": rec.stage}
-        if parent_id:
-            want[PARENT_TAG] = parent_id
+        want = mlflow_names.trial_tags(plan.name, rec.stage, status=rec.status, parent_run_id=parent_id)
         if rec.checkpoint:
-            want["ioulab.checkpoint"] = rec.checkpoint
+            want[mlflow_names.CHECKPOINT] = rec.checkpoint
         if rec.stage == "eval" and rec.train_trial_id and train_runs.get(rec.train_trial_id):
-            want["ioulab.train_run_id"] = train_runs[rec.train_trial_id]
+            want[mlflow_names.TRAIN_RUN_ID] = train_runs[rec.train_trial_id]
         if rec.node_ids:
-            want["ioulab.node_ids"] = json.dumps(rec.node_ids)
+            want[mlflow_names.NODE_IDS] = json.dumps(rec.node_ids)
         # After replayed records (which may carry older tags), the final word on every tag.
         changed = want if rec.pending else {k: v for k, v in want.items() if tags.get(k) != v}
         if changed:
@@ -180,11 +179,11 @@ def finalize(plan: Plan, state: dict, records: list[TrialRecord], parent: Mlflow
     for name in ("summary.md", "summary.json", "space.yaml"):
         parent.log_artifact(folder / name)
     counts = {s: sum(t.status == s for t in records) for s in ("FINISHED", "FAILED", "STOPPED")}
-    tags = {f"ioulab.trials_{s.lower()}": str(n) for s, n in counts.items()}
-    if best is not None:
-        tags |= {"ioulab.best_trial_id": best.trial_id, "ioulab.best_run_id": best.run_id or "",
-                 "ioulab.best_label": best.label}
-        parent.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if not k.startswith("loss/")}, 0)
+    if best is None:
+        tags = mlflow_names.summary_tags(counts)
+    else:
+        tags = mlflow_names.summary_tags(counts, best.trial_id, best.run_id, best.label)
+        parent.log_metrics(mlflow_names.best_metrics(best.metrics), 0)
     parent.set_tags(tags)
     parent.deliver(max(0.0, deadline - time.monotonic()))
     complete &= parent.close("FINISHED")

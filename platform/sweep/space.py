@@ -151,14 +151,13 @@ class Paper:
 
 @dataclass
 class Plan:
-    """What a sweep runs. ``config`` is the fixed config of every trial (base + set + --set) as a
-    dict (``config.to_dict``); points add their overrides to it."""
+    """What a sweep runs. ``train_config`` is the fixed config of every trial (base + set + --set +
+    the training stage's ``set``) as a dict (``config.to_dict``); points add their overrides to it."""
 
     name: str
     space_file: str
     profile: str | None
-    config: dict
-    train_config: dict               # ``config`` + the training stage's ``set``
+    train_config: dict
     train_points: list[Point]
     eval_points: list[EvalPoint]
     eval_overrides: dict[str, Any]   # fixed non-model/non-train overrides applied when evaluating
@@ -630,7 +629,7 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         raise SpaceError(f"{where}: name {sweep_name!r} must use letters, digits, '-', '_' or '.'")
     description = data.get("description", "")
     return Plan(
-        name=sweep_name, space_file=str(path), profile=chosen, config=C.to_dict(cfg),
+        name=sweep_name, space_file=str(path), profile=chosen,
         train_config=C.to_dict(train_cfg), train_points=train_points, eval_points=eval_points,
         eval_overrides=eval_fixed, checkpoint=checkpoint, metric=metric, mode=mode,
         train=stages["train"], eval=stages["eval"], max_failures=max_failures, keep_checkpoints=keep,

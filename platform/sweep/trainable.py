@@ -41,8 +41,9 @@ from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint as ckpt_io
 from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_checkpoint
 from ioulab.detector.engine.train import resolve_device, train
+from ioulab.platform import mlflow_names
 from ioulab.platform.sweep.codecheck import CodeMismatchError, check_same_code
-from ioulab.platform.tracking import PARENT_TAG, MlflowRun
+from ioulab.platform.tracking import MlflowRun
 
 PENDING_FILE = "mlflow_pending.json"
 FINAL_FILE = "final.json"
@@ -121,18 +122,17 @@ def place_trial(requested: str, gpu_share: float) -> str:
 def open_trial_run(ctx: dict, point: dict, trial_id: str, extra_tags: dict[str, str]) -> MlflowRun:
     """The trial's MLflow child run: created once, found again by (sweep id, trial id)."""
     stage = ctx["stage"]
-    tags = {"ioulab.role": "trial", "ioulab.sweep": ctx["sweep"], "ioulab.stage": stage,
-            "ioulab.point": json.dumps(point["overrides"], sort_keys=True), "ioulab.label": point["label"],
-            "ioulab.point_index": str(point["index"]), "ioulab.trial_status": "RUNNING"}
-    if ctx.get("parent_run_id"):
-        tags[PARENT_TAG] = ctx["parent_run_id"]
+    tags = mlflow_names.trial_tags(ctx["sweep"], stage, label=point["label"], index=point["index"],
+                                   overrides=point["overrides"], status="RUNNING",
+                                   parent_run_id=ctx.get("parent_run_id"))
     spool = None
     if ctx.get("spool_dir"):
         spool = Path(ctx["spool_dir"]) / f"{trial_id}-{uuid.uuid4().hex[:8]}.jsonl"
-    tracker = MlflowRun(ctx["tracking_uri"], ctx["experiment"], run_name=point_name(stage, point), tags=tags, find_tags={"ioulab.sweep_id": ctx["sweep_id"], "ray.trial_id": trial_id},
+    tracker = MlflowRun(ctx["tracking_uri"], ctx["experiment"], run_name=point_name(stage, point), tags=tags,
+                        find_tags=mlflow_names.trial_key(ctx["sweep_id"], trial_id),
                         spool=spool or Path.cwd() / f"{PENDING_FILE}l")
     # Dynamic tags (set again on every attempt: a re-attached run keeps its creation tags).
-    tracker.set_tags({"ioulab.trial_status": "RUNNING", **extra_tags})
+    tracker.set_tags({**mlflow_names.status_tag("RUNNING"), **extra_tags})
     return tracker
 
 
@@ -239,10 +239,6 @@ def _begin_trial(config: dict, driver_code: dict | None) -> tuple[dict, dict, st
     return ctx, point, node, trial_id
 
 
-def _gpu_tags(gpus: dict[str, Any], device: str) -> dict[str, str]:
-    return {"ioulab.device": device, "ioulab.gpu_ids": gpus["gpu_ids"], "ioulab.gpu_share": f"{gpus['gpu_share']:g}"}
-
-
 def train_trial(config: dict, driver_code: dict | None = None) -> None:
     """Tune trainable of the training stage (``driver_code``: the driver's ioulab identity)."""
     started = time.perf_counter()
@@ -258,30 +254,30 @@ def train_trial(config: dict, driver_code: dict | None = None) -> None:
     if device != resolve_device(cfg.train.device).type:  # "auto" would take a GPU Ray did not give it
         cfg.train.device = device
     out_dir = Path.cwd() / "run"
-    tracker = open_trial_run(ctx, point, trial_id, {"ioulab.node_id": node, "ioulab.run_dir": str(out_dir),
-                                                    **_gpu_tags(gpus, device)})
+    placement = mlflow_names.placement_tags(node, device, gpus["gpu_ids"], gpus["gpu_share"])
+    tracker = open_trial_run(ctx, point, trial_id, {**placement, mlflow_names.RUN_DIR: str(out_dir)})
     logger = _TeeLogger(tracker)
     start_iteration = _restore_checkpoint(out_dir, tracker)
     base = {"node_id": node, "stage": "train", "point_index": point["index"], "final": 0,
             "device": device, **gpus}
 
     def on_checkpoint(iteration: int, path: Path, metrics: dict[str, float] | None) -> None:
-        values = {k: v for k, v in logger.latest.items() if k.startswith("loss/")}
+        values = {k: v for k, v in logger.latest.items() if mlflow_names.is_loss(k)}
         _report({**values, **(metrics or {}), **base, "iteration": iteration}, tracker, Path(path))
 
     try:
         result = train(cfg, out_dir, logger=logger, resume=True, on_checkpoint=on_checkpoint, progress=False)
     except BaseException:
-        tracker.set_tags({"ioulab.trial_status": "FAILED"})
+        tracker.set_tags(mlflow_names.status_tag("FAILED"))
         tracker.close("FAILED")
         raise
-    losses = {k: v for k, v in logger.latest.items() if k.startswith("loss/")}
+    losses = {k: v for k, v in logger.latest.items() if mlflow_names.is_loss(k)}
     # The final report first, MLflow's FINISHED second: once MLflow says FINISHED, a restore finds
     # final.json and does not run the trial again.
     _report({**losses, **result.metrics, **base, "final": 1, "iteration": result.iterations,
              "trial_seconds": time.perf_counter() - started, "resumed_from": start_iteration,
              "seconds_per_iter": result.seconds_per_iter}, tracker, Path(result.checkpoint), final=True)
-    tracker.set_tags({"ioulab.trial_status": "FINISHED"})
+    tracker.set_tags(mlflow_names.status_tag("FINISHED"))
     tracker.close("FINISHED")
 
 
@@ -315,11 +311,12 @@ def eval_trial(config: dict, driver_code: dict | None = None) -> None:
     ctx, point, node, trial_id = trial
     gpus = gpu_assignment()
     device = place_trial(ctx["config"]["train"].get("device", "auto"), gpus["gpu_share"])
-    tags = {"ioulab.node_id": node, "ioulab.checkpoint": point["checkpoint"], **_gpu_tags(gpus, device)}
+    tags = {**mlflow_names.placement_tags(node, device, gpus["gpu_ids"], gpus["gpu_share"]),
+            mlflow_names.CHECKPOINT: point["checkpoint"]}
     if point.get("train_run_id"):
-        tags["ioulab.train_run_id"] = point["train_run_id"]
+        tags[mlflow_names.TRAIN_RUN_ID] = point["train_run_id"]
     if point.get("train_trial_id"):
-        tags["ioulab.train_trial_id"] = point["train_trial_id"]
+        tags[mlflow_names.TRAIN_TRIAL_ID] = point["train_trial_id"]
     tracker = open_trial_run(ctx, point, trial_id, tags)
     out_dir = Path.cwd() / "eval"
     try:
@@ -328,16 +325,16 @@ def eval_trial(config: dict, driver_code: dict | None = None) -> None:
         metrics, cfg = evaluate_checkpoint(local, overrides, out_dir=out_dir, progress=False)
         step = ckpt_io.checkpoint_iteration(local) or 0
         (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
-        tracker.log_params(C.flatten(cfg))
+        tracker.log_params(mlflow_names.config_params(cfg))
         tracker.log_metrics(metrics, step)
         for artifact in ("config.yaml", *EVAL_ARTIFACTS):
             tracker.log_artifact(out_dir / artifact)
     except BaseException:
-        tracker.set_tags({"ioulab.trial_status": "FAILED"})
+        tracker.set_tags(mlflow_names.status_tag("FAILED"))
         tracker.close("FAILED")
         raise
     _report({**metrics, "node_id": node, "stage": "eval", "point_index": point["index"], "final": 1,
              "iteration": step, "trial_seconds": time.perf_counter() - started, "device": device, **gpus},
             tracker, final=True)
-    tracker.set_tags({"ioulab.trial_status": "FINISHED"})
+    tracker.set_tags(mlflow_names.status_tag("FINISHED"))
     tracker.close("FINISHED")
