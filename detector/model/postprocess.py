@@ -46,7 +46,7 @@ def _predict_ious(heads, candidates: Candidates, features, image_shapes) -> list
     else:  # the same numbers, without gathering the pooled features back to box order
         p = predict_grouped(predictor, LevelPool(predictor.pooler, features, image_shapes),
                             _convert_to_roi_format(boxes), (labels - 1).long())
-        ious = LevelPool.unsort(p.iou, p.order)
+        ious = LevelPool.unsort(p.iou, LevelPool.inverse(p.order))
     return list(ious.split([len(b) for b in boxes]))
 
 

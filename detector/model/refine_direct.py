@@ -83,8 +83,10 @@ class DirectIoU:
         """(image column Tensor[A, 1], class columns Tensor[A] and Tensor[A, 1]) of the active
         boxes, gathered once per active set (the loop passes the same ``index`` until a box stops)."""
         if self._active[0] is not index:
+            if self.image_of.dtype != dtype:
+                self.image_of = self.image_of.to(dtype)
             columns = self.columns.index_select(0, index)
-            self._active = (index, self.image_of.index_select(0, index).to(dtype), columns, columns.unsqueeze(1))
+            self._active = (index, self.image_of.index_select(0, index), columns, columns.unsqueeze(1))
         return self._active[1:]
 
     def __call__(self, boxes: Tensor, index: Tensor, need_grad: bool, sizes: Tensor | None = None
@@ -98,8 +100,11 @@ class DirectIoU:
             if need_grad:
                 head, slope = self.predictor.head, self.predictor.loss.slope(p.iou)
                 g = head.input_grad(p.h1, p.h2, p.columns, slope).view_as(p.pooled)
-                grad = LevelPool.unsort(self.pool.box_grad(p.state, g), p.order)
-        return LevelPool.unsort(_at_least_float32(p.iou), p.order), grad
+                grad = self.pool.box_grad(p.state, g)
+        inverse = LevelPool.inverse(p.order)
+        if grad is not None:
+            grad = LevelPool.unsort(grad, inverse)
+        return LevelPool.unsort(_at_least_float32(p.iou), inverse), grad
 
 
 def refine_boxes_direct(boxes: Tensor, evaluate: Evaluate, image_wh: Tensor, lam: float, steps: int,
@@ -121,14 +126,14 @@ def refine_boxes_direct(boxes: Tensor, evaluate: Evaluate, image_wh: Tensor, lam
         ok = (new_size >= MIN_SIZE).all(1)
         new_iou, new_grad = evaluate(proposal, index, step + 1 < steps, new_size)
         delta = new_iou - iou_a
-        go = ok & ~((delta.abs() < omega1) | (delta < omega2))  # the reference's stop rule, NaN included
+        go = ok > ((delta.abs() < omega1) | (delta < omega2))  # ok and not the reference's stop rule
         b = torch.where(ok.unsqueeze(1), proposal, b)
         iou_a = torch.where(ok, new_iou, iou_a)
         boxes.index_copy_(0, index, b)
         iou.index_copy_(0, index, iou_a)
         if new_grad is None:
             break
-        active = go.nonzero().squeeze(1)  # the one host sync of the loop
+        active = torch.where(go)[0]  # the one host sync of the loop
         if len(active) == 0:
             break
         # an active box took its proposal (go implies ok): its size is new_size

@@ -128,15 +128,18 @@ class LevelPool:
     def box_grad(self, state: list, grad_pooled: Tensor) -> Tensor:
         """d Σ(grad_pooled · pooled) / d box coordinates, Tensor[A, 4] in level order (like the
         pooled features); no feature gradient is computed."""
-        parts, start = [], 0
-        for (level, r), output in state:
-            g = grad_pooled if len(state) == 1 else grad_pooled[start:start + len(r)]
-            start += len(r)
-            parts.append(torch.ops.ioulab.prroi_pool_backward(
-                g, self.features[level], r, output, float(self.scales[level]), *self.output_size, False, True)[1])
+        pieces = [grad_pooled] if len(state) == 1 else grad_pooled.split([len(r) for (_, r), _ in state])
+        parts = [torch.ops.ioulab.prroi_pool_backward(g, self.features[level], r, output, float(self.scales[level]),
+                                                      *self.output_size, False, True)[1]
+                 for g, ((level, r), output) in zip(pieces, state)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts))[:, 1:]
 
     @staticmethod
-    def unsort(x: Tensor, order: Tensor | None) -> Tensor:
-        """Per-box values in level order → box order."""
-        return x if order is None else torch.empty_like(x).index_copy_(0, order, x)
+    def inverse(order: Tensor | None) -> Tensor | None:
+        """The permutation that puts per-box values in level order back in box order."""
+        return None if order is None else order.argsort()
+
+    @staticmethod
+    def unsort(x: Tensor, inverse: Tensor | None) -> Tensor:
+        """Per-box values in level order → box order (``inverse`` from :meth:`inverse`)."""
+        return x if inverse is None else x.index_select(0, inverse)
