@@ -325,6 +325,9 @@ class RefineConfig:
     steps: int = 5  # T
     omega1: float = 0.001  # stop when |ΔIoU| < omega1
     omega2: float = -0.01  # stop when ΔIoU < omega2
+    # direct: the IoU head's input gradient and PrRoIPool's box gradient computed without autograd
+    # (same results); autograd: torch.autograd.grad, the reference (configs stored before the key)
+    impl: str = "direct"
 
 
 @dataclass
@@ -376,6 +379,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.mode": ("baseline", "iou_nms", "iou_regular_nms", "refine"),
     "inference.iou_nms.rank": ("iou", "iou_x_score"),
     "inference.iou_nms.boxes": ("per_class", "argmax"),
+    "inference.refine.impl": ("direct", "autograd"),
     "train.amp_dtype": ("bfloat16", "float16"),
     "train.weight_decay_1d": ("all", "bias", "none"),
 }
@@ -760,6 +764,9 @@ def from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
     for section, key, then in (("data", "filter_empty_train", False), ("train", "weight_decay_1d", "none")):
         if section in data and key not in data[section]:
             data = {**data, section: {**data[section], key: then}}
+    refine = data.get("inference", {}).get("refine")
+    if refine is not None and "impl" not in refine:  # stored before inference.refine.impl: autograd
+        data = {**data, "inference": {**data["inference"], "refine": {**refine, "impl": "autograd"}}}
     cfg = Config()
     _apply_nested(cfg, data, source)
     return cfg

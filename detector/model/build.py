@@ -119,7 +119,7 @@ def build_iou_predictor(cfg: ModelConfig, channels: int, num_classes: int) -> Io
 def build_postprocess_for(inference: InferenceConfig):
     r = inference.refine
     return build_postprocess(inference.mode, inference.iou_nms.rank, inference.iou_nms.iou_threshold,
-                             r.lam, r.steps, r.omega1, r.omega2, inference.iou_nms.boxes)
+                             r.lam, r.steps, r.omega1, r.omega2, inference.iou_nms.boxes, r.impl)
 
 
 def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,

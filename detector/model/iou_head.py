@@ -45,9 +45,31 @@ class IoUHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        x = F.relu(self.fc2(F.relu(self.fc1(pooled.flatten(1)))))
-        with torch.autocast(x.device.type, enabled=False):
-            return self.out(x.to(self.out.weight.dtype))
+        return self.activations(pooled)[2]
+
+    def activations(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h1 Tensor[R, S], h2 Tensor[R, S], raw Tensor[R, K]): the two ReLU outputs (S =
+        representation size) and the raw output; :meth:`input_grad` needs the first two."""
+        h1 = F.relu(self.fc1(pooled.flatten(1)))
+        h2 = F.relu(self.fc2(h1))
+        with torch.autocast(h2.device.type, enabled=False):
+            return h1, h2, self.out(_as(h2, self.out.weight.dtype))
+
+    def input_grad(self, h1: Tensor, h2: Tensor, columns: Tensor, slope: Tensor | float) -> Tensor:
+        """d Σ_r decode(raw[r, columns[r]]) / d pooled, without autograd: Tensor[R, C·P·P]
+        (reshape to the pooled features' shape). ``columns`` Tensor[R] int64 = label − 1;
+        ``slope`` (Tensor[R] or one number) is d decode / d raw at each box's prediction. Two ReLU
+        masks and two matmuls, in the dtypes autograd would use (under autocast: the gradient
+        enters fc2 in h2's dtype)."""
+        g = self.out.weight.index_select(0, columns)
+        g = g * slope if isinstance(slope, float) else g * slope.unsqueeze(1)
+        g = torch.ops.aten.threshold_backward(_as(g, h2.dtype), h2, 0)
+        g = torch.ops.aten.threshold_backward(torch.mm(g, _as(self.fc2.weight, g.dtype)), h1, 0)
+        return torch.mm(g, _as(self.fc1.weight, g.dtype))
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)  # no operator dispatched when nothing changes
 
 
 def select_class(raw: Tensor, labels: Tensor) -> Tensor:
@@ -63,9 +85,11 @@ class IoULoss:
     Losses are averaged over the RoIs (all have IoU ≥ 0.5).
     """
 
-    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], decode: Callable[[Tensor], Tensor]):
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], decode: Callable[[Tensor], Tensor],
+                 slope: Callable[[Tensor], Tensor | float]):
         self.loss = loss
         self.decode = decode
+        self.slope = slope  # decoded IoU Tensor[R] → d decode / d raw, Tensor[R] or a constant (refinement)
 
     def __call__(self, raw: Tensor, iou_target: Tensor) -> Tensor:
         if raw.numel() == 0:
@@ -74,6 +98,6 @@ class IoULoss:
 
 
 SMOOTH_L1 = IoULoss(lambda raw, t: F.smooth_l1_loss(raw, (t - 0.5) / 0.5, beta=1.0),
-                    lambda raw: raw * 0.5 + 0.5)
-BCE = IoULoss(F.binary_cross_entropy_with_logits, torch.sigmoid)
+                    lambda raw: raw * 0.5 + 0.5, lambda iou: 0.5)
+BCE = IoULoss(F.binary_cross_entropy_with_logits, torch.sigmoid, lambda iou: iou * (1 - iou))
 IOU_LOSSES = {"smooth_l1": SMOOTH_L1, "bce": BCE}

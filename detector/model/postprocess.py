@@ -18,9 +18,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torchvision.ops.poolers import _convert_to_roi_format
 
 from ioulab.detector.nms import batched_iou_guided_nms
 from ioulab.detector.model.refine import refine_boxes
+from ioulab.detector.model.refine_direct import DirectIoU, predict_grouped, refine_boxes_direct
+from ioulab.detector.ops.poolers import LevelPool
+from ioulab.detector.ops.prroi_pool import _resolve_backend
 
 Candidates = list[tuple[Tensor, Tensor, Tensor]]  # per image (boxes [M,4], scores [M], labels [M])
 
@@ -36,7 +40,13 @@ def _predict_ious(heads, candidates: Candidates, features, image_shapes) -> list
     labels = torch.cat([c[2] for c in candidates])
     if labels.numel() == 0:
         return [c[1].new_zeros((0,)) for c in candidates]
-    ious = heads.iou_predictor(features, boxes, labels, image_shapes)
+    predictor = heads.iou_predictor
+    if _resolve_backend(predictor.pooler.backend) == "reference":
+        ious = predictor(features, boxes, labels, image_shapes)
+    else:  # the same numbers, without gathering the pooled features back to box order
+        p = predict_grouped(predictor, LevelPool(predictor.pooler, features, image_shapes),
+                            _convert_to_roi_format(boxes), (labels - 1).long())
+        ious = LevelPool.unsort(p.iou, LevelPool.inverse(p.order))
     return list(ious.split([len(b) for b in boxes]))
 
 
@@ -86,36 +96,53 @@ class IoUNMSPost:
 
 class RefinePost:
     """IoU-guided NMS, then optimization-based refinement of all kept boxes of the batch at once;
-    final score = class score × refined IoU."""
+    final score = class score × refined IoU. ``impl``: direct (:mod:`refine_direct`) | autograd
+    (:mod:`refine`, the reference; also used when PrRoIPool runs its pure-PyTorch backend)."""
 
-    def __init__(self, nms: IoUNMSPost, lam: float, steps: int, omega1: float, omega2: float):
+    def __init__(self, nms: IoUNMSPost, lam: float, steps: int, omega1: float, omega2: float,
+                 impl: str = "direct"):
         self.nms = nms
         self.candidate_boxes = nms.candidate_boxes
         self.lam, self.steps, self.omega1, self.omega2 = lam, steps, omega1, omega2
+        self.impl = impl
 
     def __call__(self, heads, candidates, features, image_shapes):
         kept = self.nms.keep(heads, candidates, features, image_shapes)
+        refined, ious = self.refine(heads, kept, features, image_shapes)
+        counts = [len(k[0]) for k in kept]
+        out = []
+        for b, (_, s, l, _), iou in zip(refined.split(counts), kept, ious.split(counts)):
+            out.append(_detections(b, s * iou.clamp(min=0), l, heads.detections_per_img))
+        return out
+
+    def refine(self, heads, kept, features, image_shapes, trace: list | None = None) -> tuple[Tensor, Tensor]:
+        """kept: per image (boxes, scores, labels, IoU) from ``IoUNMSPost.keep`` → (refined boxes
+        Tensor[D, 4], their IoU Tensor[D]) over the batch. ``trace``: a list to which every IoU
+        evaluation appends (boxes Tensor[A, 4], index Tensor[A], need_grad)."""
         counts = [len(k[0]) for k in kept]
         boxes = torch.cat([k[0] for k in kept])
         labels = torch.cat([k[2] for k in kept])
         wh = torch.cat([boxes.new_tensor([[w, h]]).expand(n, 2) for (h, w), n in zip(image_shapes, counts)])
         image_of = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device),
                                            torch.tensor(counts, device=boxes.device))
+        args = (wh, self.lam, self.steps, self.omega1, self.omega2)
+        if self.impl == "direct" and _resolve_backend(heads.iou_predictor.pooler.backend) == "extension":
+            evaluate = DirectIoU(heads.iou_predictor, features, labels, image_of, image_shapes, trace)
+            return refine_boxes_direct(boxes, evaluate, *args)
 
         def predicted_iou(b: Tensor, index: Tensor) -> Tensor:
+            if trace is not None:
+                trace.append((b.detach().clone(), index, b.requires_grad))
             # index is ascending, so the active boxes are still grouped by image
             per_image = torch.bincount(image_of[index], minlength=len(counts)).tolist()
             return heads.iou_predictor(features, list(b.split(per_image)), labels[index], image_shapes)
 
-        refined, ious = refine_boxes(boxes, predicted_iou, wh, self.lam, self.steps, self.omega1, self.omega2)
-        out = []
-        for b, (_, s, l, _), iou in zip(refined.split(counts), kept, ious.split(counts)):
-            out.append(_detections(b, s * iou.clamp(min=0), l, heads.detections_per_img))
-        return out
+        return refine_boxes(boxes, predicted_iou, *args)
 
 
 def build_postprocess(mode: str, rank: str, iou_threshold: float, lam: float, steps: int,
-                      omega1: float, omega2: float, candidate_boxes: str = "per_class") -> Callable | None:
+                      omega1: float, omega2: float, candidate_boxes: str = "per_class",
+                      refine_impl: str = "direct") -> Callable | None:
     """The config edge's name → callable table for ``inference.mode``. ``candidate_boxes``
     applies to the IoU-guided NMS modes only (iou_nms, refine)."""
     iou_nms = IoUNMSPost(rank, iou_threshold, candidate_boxes)
@@ -123,5 +150,5 @@ def build_postprocess(mode: str, rank: str, iou_threshold: float, lam: float, st
         "baseline": NMSPost(),
         "iou_regular_nms": IoURegularNMSPost(),
         "iou_nms": iou_nms,
-        "refine": RefinePost(iou_nms, lam, steps, omega1, omega2),
+        "refine": RefinePost(iou_nms, lam, steps, omega1, omega2, refine_impl),
     }[mode]

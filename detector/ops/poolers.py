@@ -74,3 +74,72 @@ class MultiScalePrRoIPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"featmap_names={self.featmap_names}, output_size={self.output_size}"
+
+
+class LevelPool:
+    """Multi-level PrRoIPool of one box set and its box-coordinate gradient, without autograd (the
+    IoUNet refinement's step: no autograd graph, no feature gradient, one level assignment).
+
+    Shapes: A boxes, L levels, C channels, PH x PW bins. The boxes are pooled grouped by level
+    (stable order within a level); ``pool`` returns that grouping's order so the caller keeps its
+    per-box tensors in it and restores box order once, on the small results (:meth:`unsort`).
+    Same level assignment (torchvision's ``LevelMapper``) and the same kernels as
+    :class:`MultiScalePrRoIPool`, so the pooled features are the same numbers.
+    """
+
+    def __init__(self, pooler: MultiScalePrRoIPool, x: dict[str, Tensor], image_shapes: list[tuple[int, int]]):
+        from .prroi_pool import ensure_ops
+
+        ensure_ops()
+        self.features = _filter_input(x, pooler.featmap_names)
+        if pooler.scales is None or pooler.map_levels is None:
+            pooler.scales, pooler.map_levels = _setup_scales(
+                self.features, image_shapes, pooler.canonical_scale, pooler.canonical_level)
+        self.scales, self.mapper = pooler.scales, pooler.map_levels
+        self.output_size = pooler.output_size
+
+    def levels(self, sizes: Tensor) -> Tensor:
+        """sizes Tensor[A, 2] (w, h) → FPN level Tensor[A] int64 (``LevelMapper.k_min`` = the finest
+        map): ``LevelMapper``'s arithmetic (sqrt of the area, FPN eq. 1 with its eps, clamp), the
+        same values in fewer operators."""
+        m = self.mapper
+        k = sizes.prod(1).sqrt_().div_(m.s0).log2_().add_(m.lvl0).add_(m.eps).floor_()
+        return k.clamp_(m.k_min, m.k_max).long()
+
+    def pool(self, rois: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor | None, list]:
+        """rois Tensor[A, 5] (and their (w, h) Tensor[A, 2] if known) → (pooled Tensor[A, C, PH, PW]
+        in level order, order Tensor[A] (level order → box index; None: box order, when one level
+        holds every box), state for :meth:`box_grad`)."""
+        order, groups = None, [(0, rois)]
+        if len(self.features) > 1:
+            levels = self.levels(rois[:, 3:] - rois[:, 1:3] if sizes is None else sizes)
+            k_min = self.mapper.k_min
+            counts = torch.bincount(levels, minlength=k_min + len(self.features)).tolist()[k_min:]  # the one host sync
+            filled = [level for level, n in enumerate(counts) if n]
+            if len(filled) == 1:
+                groups = [(filled[0], rois)]
+            else:
+                order = levels.argsort(stable=True)
+                groups = [(level, r) for level, r in enumerate(rois.index_select(0, order).split(counts)) if len(r)]
+        outputs = [torch.ops.ioulab.prroi_pool(self.features[level], r, float(self.scales[level]), *self.output_size)
+                   for level, r in groups]
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), order, list(zip(groups, outputs))
+
+    def box_grad(self, state: list, grad_pooled: Tensor) -> Tensor:
+        """d Σ(grad_pooled · pooled) / d box coordinates, Tensor[A, 4] in level order (like the
+        pooled features); no feature gradient is computed."""
+        pieces = [grad_pooled] if len(state) == 1 else grad_pooled.split([len(r) for (_, r), _ in state])
+        parts = [torch.ops.ioulab.prroi_pool_backward(g, self.features[level], r, output, float(self.scales[level]),
+                                                      *self.output_size, False, True)[1]
+                 for g, ((level, r), output) in zip(pieces, state)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts))[:, 1:]
+
+    @staticmethod
+    def inverse(order: Tensor | None) -> Tensor | None:
+        """The permutation that puts per-box values in level order back in box order."""
+        return None if order is None else order.argsort()
+
+    @staticmethod
+    def unsort(x: Tensor, inverse: Tensor | None) -> Tensor:
+        """Per-box values in level order → box order (``inverse`` from :meth:`inverse`)."""
+        return x if inverse is None else x.index_select(0, inverse)

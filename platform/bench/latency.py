@@ -9,21 +9,33 @@ image by image so that machine load affects all rows alike):
     IoU computed, regular NMS inference.mode=iou_regular_nms
     + refine                  inference.mode=refine
 
+    + refine, autograd        the same with inference.refine.impl=autograd (the reference
+                              implementation; only when the checkpoint's impl is another one)
+
 Latency is the median wall time of ``model([image])`` (transform → backbone → RPN → heads →
 postprocess); AP comes from the detections of the same timed calls.
+
+Floors (:mod:`floors`), per image, on the boxes of an untimed refine-mode call of the same image:
+``overhead_ms`` is the median over images of a row's latency minus its reference row's (+ IoU-NMS:
+IoU head off; the refine rows: + IoU-NMS), ``floor_ms`` the median of the stage's floor,
+``over_floor`` their ratio; ``ops_per_step`` the operators per refinement step of that row's
+implementation (torch.profiler, on the first ``--ops-images`` images).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
 
 from ioulab.platform.bench.common import BenchResult
+from ioulab.platform.bench.floors import Recorder, count_ops, nms_floor, refine_floor
 from ioulab.platform.bench.timing import timed
 
 ROWS = [("IoU head off", "baseline"), ("+ IoU-NMS", "iou_nms"),
         ("IoU computed, regular NMS", "iou_regular_nms"), ("+ refine", "refine")]
+REFERENCE_ROW = "+ refine, autograd"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=0, help="use the first N validation images (0: all)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--ops-images", type=int, default=5,
+                   help="images on which the operators per refinement step are counted")
 
 
 def run(args) -> BenchResult:
@@ -57,11 +71,18 @@ def run(args) -> BenchResult:
         base_model.roi_heads.postprocess = None
     _, val_set = build_datasets(cfg.data)
     n = len(val_set) if args.images <= 0 else min(args.images, len(val_set))
-    inference = {mode: C.apply_overrides(C.clone(cfg), {"inference.mode": mode}).inference for _, mode in ROWS}
+    rows_spec = [(name, {"inference.mode": mode}) for name, mode in ROWS]
+    impl = cfg.inference.refine.impl
+    if impl != "autograd":
+        rows_spec.append((REFERENCE_ROW, {"inference.mode": "refine", "inference.refine.impl": "autograd"}))
+    inference = {name: C.apply_overrides(C.clone(cfg), o).inference for name, o in rows_spec}
 
-    names = ["baseline"] + [name for name, _ in ROWS]
+    names = ["baseline"] + [name for name, _ in rows_spec]
     times: dict[str, list[float]] = {k: [] for k in names}
     outputs: dict[str, list[dict]] = {k: [] for k in names}
+    floors: dict[str, list[float]] = {"+ IoU-NMS": [], "+ refine": []}
+    steps: list[int] = []
+    ops: dict[str, list[int]] = {"autograd": [], impl: []}
 
     def run_timed(name: str, m, image) -> None:
         with timed(device) as t, torch.no_grad():
@@ -69,16 +90,36 @@ def run(args) -> BenchResult:
         times[name].append(t.seconds)
         outputs[name].append(out)
 
+    def measure_floors(image, count: bool) -> None:
+        heads = model.roi_heads
+        configure_inference(model, inference["+ refine"])
+        post = heads.postprocess
+        heads.postprocess = recorder = Recorder(post)
+        with torch.no_grad():
+            model([image])
+            heads.postprocess = post
+            candidates, features, shapes = recorder.inputs
+            kept = post.nms.keep(heads, candidates, features, shapes)
+            trace: list = []
+            post.refine(heads, kept, features, shapes, trace)
+            floors["+ IoU-NMS"].append(nms_floor(heads, candidates, features, shapes, post.nms, device))
+            floors["+ refine"].append(refine_floor(heads, features, shapes, kept, trace, device))
+            steps.append(len(trace) - 1)
+            for name in ops if count else ():
+                variant = copy.copy(post)
+                variant.impl = name
+                ops[name].append(count_ops(lambda: variant.refine(heads, kept, features, shapes)))
+
     images = [(val_set[i][0].to(device), val_set[i][1]["image_id"]) for i in range(n)]
     for i, (image, _) in enumerate(images[: args.warmup] + images):
         run_timed("baseline", base_model, image)
-        for name, mode in ROWS:
-            configure_inference(model, inference[mode])
+        for name, _ in rows_spec:
+            configure_inference(model, inference[name])
             run_timed(name, model, image)
+        measure_floors(image, count=args.warmup <= i < args.warmup + args.ops_images)
         if i < args.warmup:  # warmup calls are not measured
-            for k in names:
-                times[k].pop()
-                outputs[k].pop()
+            for series in (*times.values(), *outputs.values(), *floors.values(), steps):
+                series.pop()
 
     ids = [image_id for _, image_id in images]
     rows = []
@@ -90,8 +131,26 @@ def run(args) -> BenchResult:
                      "AP50": metrics["AP50"], "AP80": metrics["AP80"], "AP90": metrics["AP90"]})
     for r in rows:
         r["ratio"] = r["latency_ms"] / rows[0]["latency_ms"]
+        stage = "+ IoU-NMS" if r["row"] == "+ IoU-NMS" else "+ refine" if r["row"].startswith("+ refine") else None
+        if stage is None:
+            continue
+        before = "IoU head off" if stage == "+ IoU-NMS" else "+ IoU-NMS"
+        r["overhead_ms"] = 1000 * statistics.median(a - b for a, b in zip(times[r["row"]], times[before]))
+        r["floor_ms"] = 1000 * statistics.median(floors[stage])
+        r["over_floor"] = r["overhead_ms"] / r["floor_ms"] if r["floor_ms"] > 0 else float("nan")
+        counted = ops["autograd" if r["row"] == REFERENCE_ROW else impl]
+        steps_counted = sum(steps[: len(counted)])
+        if stage == "+ refine" and steps_counted:
+            r["ops_per_step"] = sum(counted) / steps_counted
     r = cfg.inference.refine
     notes = [f"{n} validation images, batch 1, {torch.get_num_threads()} threads, device {device}; "
-             f"refine λ={r.lam}, T={r.steps}; median latency"]
-    return BenchResult("inference speed (IoUNet)", ["row", "latency_ms", "fps", "AP", "AP50", "AP80", "AP90", "ratio"],
-                       rows, notes)
+             f"refine λ={r.lam}, T={r.steps}, impl={impl}; median latency",
+             f"overhead: latency minus that of IoU head off (+ IoU-NMS) or + IoU-NMS (refine rows), "
+             f"median over images; floor: the stage's kernels on its own boxes (ioulab.platform.bench."
+             f"floors), median; {statistics.mean(steps):.2f} refinement steps per image; ops_per_step "
+             f"over the first {min(args.ops_images, n)} images"]
+    extra = {"floors_ms": {k: [1000 * v for v in vs] for k, vs in floors.items()}, "refine_steps": steps,
+             "ops_per_image": ops}
+    columns = ["row", "latency_ms", "fps", "AP", "AP50", "AP80", "AP90", "ratio", "overhead_ms", "floor_ms",
+               "over_floor", "ops_per_step"]
+    return BenchResult("inference speed (IoUNet)", columns, rows, notes, extra)
