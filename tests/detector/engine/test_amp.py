@@ -13,6 +13,7 @@ from ioulab.detector.engine import train as train_module
 from ioulab.detector.engine.amp import AmpUnavailableError, amp_policy
 from ioulab.detector.engine.evaluate import evaluate_checkpoint
 from ioulab.detector.engine.train import train
+from ioulab.detector.ops.poolers import LevelPool
 from tests.conftest import TINY_OVERRIDES
 
 MODES = ["baseline", "iou_nms", "iou_regular_nms", "refine"]
@@ -44,6 +45,15 @@ def _spy_pooled_dtypes(monkeypatch) -> list[torch.dtype]:
 
     monkeypatch.setattr(train_module, "build_model", build_and_spy)
     monkeypatch.setattr(model_package, "build_model", build_and_spy)  # load_trained's import
+    # IoU-NMS and the direct refinement pool through LevelPool (the op per level), not the module
+    pool = LevelPool.pool
+
+    def pool_and_spy(self, *args, **kwargs):
+        out = pool(self, *args, **kwargs)
+        seen.append(out[0].dtype)
+        return out
+
+    monkeypatch.setattr(LevelPool, "pool", pool_and_spy)
     return seen
 
 
