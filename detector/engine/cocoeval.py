@@ -464,17 +464,24 @@ def evaluate(coco_gt, detections: list[dict], backend: str = "auto") -> dict[str
         ev = _fast_eval(dataset, detections, range(len(AREA_RANGES)), separate=False)
         ev.accumulate()
     else:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt = COCO()
-            gt.dataset = dataset
-            gt.createIndex()
-            ev = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), "bbox")
-            ev.evaluate()
-            ev.accumulate()
+        ev = pycocotools_eval(dataset, detections)
     return metrics_from_precision(np.asarray(ev.eval["precision"]))
+
+
+def pycocotools_eval(dataset: dict, detections: list[dict]):
+    """pycocotools' COCOeval (bbox) of ``detections`` against the COCO ``dataset`` dict, evaluated
+    and accumulated, its printing silenced: the reference the tests and ``bench eval`` compare to."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+    return ev
 
 
 def metrics_from_precision(precision: np.ndarray) -> dict[str, float]:

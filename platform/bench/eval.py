@@ -86,19 +86,11 @@ def synthetic_eval_set(num_images: int, num_categories: int, dets_per_image: int
 # Timed steps
 # --------------------------------------------------------------------------------------------
 def pycocotools_metrics(gt: dict, dets: list[dict]) -> dict[str, float]:
-    """The ten metrics as pycocotools computes them (COCOeval evaluate + accumulate)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    """The ten metrics as pycocotools computes them (COCOeval evaluate + accumulate + summarize)."""
+    from ioulab.detector.engine.cocoeval import THRESHOLD_OF_METRIC, pycocotools_eval
 
-    from ioulab.detector.engine.cocoeval import THRESHOLD_OF_METRIC
-
+    ev = pycocotools_eval(gt, dets)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
-        ev.evaluate()
-        ev.accumulate()
         ev.summarize()
     out = {"AP": ev.stats[0], "APs": ev.stats[3], "APm": ev.stats[4], "APl": ev.stats[5]}
     for key, t in THRESHOLD_OF_METRIC.items():
