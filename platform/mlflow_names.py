@@ -36,6 +36,10 @@ from ioulab.detector import config as detector_config
 PARENT = "mlflow.parentRunId"      # MLflow's own nesting tag: works across processes
 NOTE = "mlflow.note.content"       # the run's description in the MLflow UI
 TRIAL_ID = "ray.trial_id"          # Tune's trial id: a retried or restored trial finds its run
+# Experiment tag: which page the MLflow UI (3.x) opens the experiment on; without it MLflow 3.17
+# opens the GenAI overview (traces, token usage) instead of the runs table.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_RUNS = "custom_model_development"
 
 # Every run
 ROLE = "ioulab.role"               # ROLE_SWEEP | ROLE_TRIAL (command runs carry COMMAND instead)
@@ -79,6 +83,15 @@ ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 DEFAULT_STAGE = "train"            # a trial run without STAGE (older runs) is a training run
 
 LOSS_PREFIX = "loss/"              # the trainer's loss metrics (detector/engine/train.py): loss/total, ...
+# Where the AP goes (detector/engine/erroranalysis.py, every final evaluation): err/<tide type>
+# (ΔAP50 if fixed: cls loc both dupe bkg miss), err/n_<tide type> (counts), err/coco_<step>
+# (COCO error analysis: c75 c50 loc sim oth bg fn). The detector defines the same prefix.
+ERROR_PREFIX = "err/"
+# What a trial cost (platform/report/cost.py): on each trial run, seconds of wall time and the
+# CPU / GPU hours it held (wall time x Ray resources); on the sweep's parent run, the totals.
+COST_SECONDS = "cost/wall_seconds"
+COST_CPU_HOURS = "cost/cpu_hours"
+COST_GPU_HOURS = "cost/gpu_hours"
 BEST_PREFIX = "best/"              # the parent run's copy of the best trial's metrics
 
 TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)"
@@ -111,6 +124,16 @@ def resolve_tracking_uri(explicit: str | None) -> str:
 # -- metrics and params ------------------------------------------------------------------------
 def is_loss(metric: str) -> bool:
     return metric.startswith(LOSS_PREFIX)
+
+
+def is_error(metric: str) -> bool:
+    return metric.startswith(ERROR_PREFIX)
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags of the ``ioulab`` experiment (set when it is created, and added to an existing
+    one that lacks them): open on the runs table in the MLflow UI."""
+    return {EXPERIMENT_KIND: EXPERIMENT_KIND_RUNS}
 
 
 def best_metrics(metrics: dict[str, float]) -> dict[str, float]:

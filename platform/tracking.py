@@ -38,8 +38,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ioulab.detector.errors import UserError  # noqa: E402
 # The naming contract; absolute_uri and default_tracking_uri are re-exported for callers of this module.
-from ioulab.platform.mlflow_names import (absolute_uri, default_tracking_uri, has_tags,  # noqa: E402,F401
-                                          resolve_tracking_uri, tag_filter)
+from ioulab.platform.mlflow_names import (absolute_uri, default_tracking_uri, experiment_tags,  # noqa: E402,F401
+                                          has_tags, resolve_tracking_uri, tag_filter)
 
 MAX_PARAM_LEN = 6000
 # Error codes for a record the server will never accept (as opposed to an outage).
@@ -65,6 +65,18 @@ def set_request_timeout(seconds: int) -> None:
         raise ValueError(f"MLflow request timeout must be >= 1 s, got {seconds}")
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(seconds))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created with :func:`experiment_tags` when missing; an
+    existing experiment without them gets them (the MLflow UI then opens on its runs table)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags=experiment_tags())
+    for key, value in experiment_tags().items():
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def _clean_params(params: dict[str, Any]) -> dict[str, str]:
@@ -201,8 +213,7 @@ class MlflowRun:
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = ensure_experiment(self.client, self.experiment)
         if self.find_tags:
             run = self._find(exp_id)
             if run is not None:

@@ -460,12 +460,19 @@ def evaluate(coco_gt, detections: list[dict], backend: str = "auto") -> dict[str
     if backend == "ours" or not detections:
         values = Accumulator(match(dataset, detections, AREA_NAMES))()
         return {k: float(v[0]) for k, v in values.items()}
+    return metrics_from_precision(np.asarray(accumulated_eval(dataset, detections, backend).eval["precision"]))
+
+
+def accumulated_eval(coco_gt, detections: list[dict], backend: str = "auto"):
+    """COCOeval (bbox, default params) of non-empty ``detections``, evaluated and accumulated:
+    faster-coco-eval's ("auto" when installed, "fast") or pycocotools' ("pycocotools"). Its
+    ``eval["precision"]`` is [T, R, K, A, M] (categories in sorted id order)."""
+    dataset = _dataset_dict(coco_gt)
     if _use_fast(backend):
         ev = _fast_eval(dataset, detections, range(len(AREA_RANGES)), separate=False)
         ev.accumulate()
-    else:
-        ev = pycocotools_eval(dataset, detections)
-    return metrics_from_precision(np.asarray(ev.eval["precision"]))
+        return ev
+    return pycocotools_eval(dataset, detections)
 
 
 def pycocotools_eval(dataset: dict, detections: list[dict]):

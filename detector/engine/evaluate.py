@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ioulab.detector.engine import cocoeval
+from ioulab.detector.engine import cocoeval, erroranalysis
 from ioulab.detector.engine.cocoeval import METRIC_KEYS  # noqa: F401  (re-exported)
 
 # What an evaluation with ``out_dir`` writes and a tracked run logs: the metrics, the detections
 # (gzip) and the per-image matching (``cocoeval.Matches``), so that two runs on the same
-# validation set can be compared image by image later (``ioulab compare``, ``ioulab report``).
-EVAL_ARTIFACTS = ("metrics.json", "detections.json.gz", "eval_matches.npz")
+# validation set can be compared image by image later (``ioulab compare``, ``ioulab report``);
+# where the AP goes (``erroranalysis``: per-class AP, error breakdowns, PR curves and their PNG).
+EVAL_ARTIFACTS = ("metrics.json", "detections.json.gz", "eval_matches.npz",
+                  erroranalysis.ERRORS_FILE, erroranalysis.CURVES_FILE)
 
 
 def coco_metrics(coco_gt, detections: list[dict]) -> dict[str, float]:
@@ -30,15 +32,21 @@ def coco_metrics(coco_gt, detections: list[dict]) -> dict[str, float]:
     return cocoeval.evaluate(coco_gt, detections)
 
 
-def write_eval_outputs(out_dir: Path, coco_gt, detections: list[dict], metrics: dict[str, float]) -> None:
-    """``metrics.json``, ``detections.json`` (+ ``.gz``, what is logged) and ``eval_matches.npz``."""
+def write_eval_outputs(out_dir: Path, coco_gt, detections: list[dict], metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics.json``, ``detections.json`` (+ ``.gz``, what is logged), ``eval_matches.npz``,
+    ``errors.json`` and ``pr_curves.png``. Returns ``metrics`` plus the error analysis' scalars
+    (``err/...``: :meth:`erroranalysis.ErrorAnalysis.metrics`), which ``metrics.json`` holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    analysis = erroranalysis.analyze(coco_gt, detections)
+    erroranalysis.write(out_dir, analysis)
+    metrics = {**metrics, **analysis.metrics()}
     text = json.dumps(detections)
     (out_dir / "detections.json").write_text(text)
     with gzip.open(out_dir / "detections.json.gz", "wt", encoding="utf-8") as f:
         f.write(text)
     cocoeval.match(coco_gt, detections).save(out_dir / "eval_matches.npz")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_cat_id: list[int]) -> list[dict]:
@@ -71,14 +79,14 @@ def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], 
                    num_workers: int = 0, out_dir=None, progress: bool = True, amp=None) -> dict[str, float]:
     """Predict on ``dataset`` (a CocoDetection) and score it, under ``amp`` (the training's AMP
     policy, None: off). With ``out_dir``, writes ``detections.json`` (COCO results) and the
-    EVAL_ARTIFACTS there."""
+    EVAL_ARTIFACTS there, and the metrics gain the error analysis' ``err/...`` scalars."""
     from ioulab.detector.data.loader import build_eval_loader
 
     loader = build_eval_loader(dataset, inference.batch_size, num_workers)
     detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp)
     metrics = coco_metrics(dataset.coco, detections)
     if out_dir is not None:
-        write_eval_outputs(Path(out_dir), dataset.coco, detections, metrics)
+        metrics = write_eval_outputs(Path(out_dir), dataset.coco, detections, metrics)
     return metrics
 
 

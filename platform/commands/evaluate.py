@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ioulab.platform import mlflow_names
-from ioulab.platform.commands.train import add_tracking_arguments, open_run, print_metrics
+from ioulab.platform.commands.train import add_tracking_arguments, open_run, print_errors, print_metrics
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,5 +48,6 @@ def run(args) -> int:
         if tracker is not None:
             tracker.close(status)
     print_metrics(metrics)
-    print(f"outputs: {out}  (metrics.json, detections.json)")
+    print_errors(out)
+    print(f"outputs: {out}  (metrics.json, detections.json, errors.json, pr_curves.png)")
     return 0

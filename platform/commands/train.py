@@ -82,7 +82,18 @@ class RunOnFirstRecord:
 
 
 def print_metrics(metrics: dict[str, float]) -> None:
-    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    """The AP columns on one line (the error analysis' ``err/...`` scalars are left out: see
+    :func:`print_errors`)."""
+    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if not mlflow_names.is_error(k)))
+
+
+def print_errors(out: Path) -> None:
+    """Where the AP goes, from the evaluation's ``errors.json`` in ``out`` (if written)."""
+    from ioulab.detector.engine import erroranalysis
+
+    path = out / erroranalysis.ERRORS_FILE
+    if path.is_file():
+        print(erroranalysis.ErrorAnalysis.load(path).summary())
 
 
 def trained_line(result, wall: float) -> str:
@@ -126,6 +137,7 @@ def run(args) -> int:
                                                  "seconds_per_iter": result.seconds_per_iter}, indent=2))
     print("\n" + trained_line(result, wall))
     print_metrics(result.metrics)
+    print_errors(out)
     print(f"outputs:    {out}  (metrics.json, detections.json, checkpoints/)")
     if tracker is not None and tracker.run is not None:
         print(f"MLflow run: {tracker.run.run_id} in {tracker.run.tracking_uri}")

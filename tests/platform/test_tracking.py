@@ -59,6 +59,23 @@ def test_find_tag_reattaches_instead_of_duplicating(tmp_path):
     assert runs[0].info.status == "FINISHED" and runs[0].data.params == {"x": "1", "y": "2"}
 
 
+def test_experiment_opens_on_the_runs_table_new_or_existing(tmp_path):
+    """MLflow 3.17's UI opens an experiment without ``mlflow.experimentKind`` on its GenAI
+    overview; ours are tagged custom_model_development, also one created before the tag."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("old")   # as MLflow (or an older ioulab) left it
+    for name in ("new", "old"):
+        run = MlflowRun(uri, name, run_name="r")
+        run.log_metrics({"AP": 1.0}, 0)
+        run.close()
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name("old").experiment_id == old
+    client.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")  # a user's choice stays
+    tracking.ensure_experiment(client, "old")
+    assert client.get_experiment_by_name("old").tags["mlflow.experimentKind"] == "genai_development"
+
+
 def test_absolute_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

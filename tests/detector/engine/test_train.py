@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import erroranalysis
 from ioulab.detector.engine.cocoeval import Accumulator, Matches
 from ioulab.detector.engine.evaluate import evaluate_checkpoint, load_trained
 from ioulab.detector.engine.train import NonFiniteLossError, build_optimizer, lr_factor, param_groups, train
@@ -30,7 +31,8 @@ def test_train_writes_outputs_and_logs(tiny_cfg, tmp_path):
     result = train(tiny_cfg(), tmp_path / "run", logger=rec, progress=False)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "APs", "APm", "APl"}
+    assert set(metrics) == {"AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "APs", "APm", "APl",
+                            *erroranalysis.METRIC_NAMES}
     assert metrics == pytest.approx(result.metrics)
     assert isinstance(json.loads((run / "detections.json").read_text()), list)
     assert [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")] == ["model_0000002.pth", "model_0000004.pth"]
@@ -42,7 +44,9 @@ def test_train_writes_outputs_and_logs(tiny_cfg, tmp_path):
             "loss/box_reg_weighted", "stat/box_iou_pos", "lr"} <= set(logged)
     assert all(torch.isfinite(torch.tensor(v)) for v in logged.values())
     # the final evaluation's detections and per-image matching are logged too (paired comparisons)
-    assert sorted(rec.artifacts) == ["config.yaml", "detections.json.gz", "eval_matches.npz", "metrics.json"]
+    assert sorted(rec.artifacts) == ["config.yaml", "detections.json.gz", "errors.json", "eval_matches.npz",
+                                     "metrics.json", "pr_curves.png"]
+    assert rec.metrics[-1][1]["err/loc"] == metrics["err/loc"]   # where the AP goes, logged too
     with gzip.open(run / "detections.json.gz", "rt") as f:
         assert json.load(f) == json.loads((run / "detections.json").read_text())
     matches = Matches.load(run / "eval_matches.npz")
