@@ -87,8 +87,8 @@ LOSS_PREFIX = "loss/"              # the trainer's loss metrics (detector/engine
 # (ΔAP50 if fixed: cls loc both dupe bkg miss), err/n_<tide type> (counts), err/coco_<step>
 # (COCO error analysis: c75 c50 loc sim oth bg fn). The detector defines the same prefix.
 ERROR_PREFIX = "err/"
-# What a trial cost (platform/report/cost.py): on each trial run, seconds of wall time and the
-# CPU / GPU hours it held (wall time x Ray resources); on the sweep's parent run, the totals.
+# What a trial cost (platform/sweep/cost.py, read by platform/report/cost.py): on each trial run,
+# its seconds and the CPU / GPU hours it held (seconds x its Ray resources); on the parent, the totals.
 COST_SECONDS = "cost/wall_seconds"
 COST_CPU_HOURS = "cost/cpu_hours"
 COST_GPU_HOURS = "cost/gpu_hours"

@@ -353,10 +353,8 @@ def _without_detections(dataset: dict, names: list[str]) -> ErrorAnalysis:
 # files
 # --------------------------------------------------------------------------------------------
 def curves_figure(curves: dict[str, tuple[list[float], list[float]]], title: str):
-    """A matplotlib figure of PR curves: {label: (recall [R], precision [R])}."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """A matplotlib figure of PR curves: {label: (recall [R], precision [R])} (object API, no
+    pyplot state: ``Figure.savefig`` renders on the Agg canvas)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0, 3.6), dpi=110)
@@ -365,7 +363,7 @@ def curves_figure(curves: dict[str, tuple[list[float], list[float]]], title: str
         ax.plot(recall, precision, label=label)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
 

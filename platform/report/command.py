@@ -17,7 +17,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from ioulab.platform import mlflow_names
-from ioulab.platform.report import charts, table
+from ioulab.platform.report import charts, cost, errors, table
 from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, MatchStore, attach_intervals
 from ioulab.platform.report.paper import paper_columns, parse_paper
 from ioulab.platform.report.render import Chart, Report, results_markdown, status_line, to_html, to_markdown
@@ -110,6 +110,7 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
     if not spec and base is not None:
         notes.append(f"no baseline in the space file: the first variant, {base.name}")
     results = table.results_table(variants, base, notes=notes)
+    cost.attach_cost(results, sweep.trials)
     paper = parse_paper(sweep.tags)
     if paper is not None:  # the published Δs are against the space file's baseline
         published = bool(sweep.baseline) and base is not None and bool(table.matching([base], sweep.baseline))
@@ -136,6 +137,9 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
                                    (" (95 % bootstrap intervals)" if results.intervals else ""),
                                    charts.png_bytes(charts.delta_figure(results))))
     report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
+    where = errors.where_section(results, errors.ErrorStore(client))
+    if where is not None:
+        report.sections.append(where)
     return report, sweep
 
 
@@ -163,17 +167,17 @@ def _variant_names(sweep: Sweep, shown, variants, ident, labels) -> dict[str, st
     return names
 
 
-CHART_STEMS = ("ap_vs_lambda", "ap_by_iou", "delta_ap")
+CHART_STEMS = ("ap_vs_lambda", "ap_by_iou", "delta_ap", errors.CHART_STEM)
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
     """Write the charts, report.md and report.html; remove charts of an earlier report in ``out``
     that this one no longer has."""
     out.mkdir(parents=True, exist_ok=True)
-    for stem in set(CHART_STEMS) - {c.stem for c in report.charts}:
+    for stem in set(CHART_STEMS) - {c.stem for c in report.all_charts()}:
         (out / f"{stem}.png").unlink(missing_ok=True)
     paths = []
-    for chart in report.charts:
+    for chart in report.all_charts():
         path = out / f"{chart.stem}.png"
         path.write_bytes(chart.png)
         paths.append(path)

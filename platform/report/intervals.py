@@ -25,24 +25,28 @@ DEFAULT_RESAMPLES = 1000
 
 
 class MatchStore:
-    """The logged :class:`Matches` of each run (None when it has none), downloaded once."""
+    """The logged :class:`Matches` of each run (None when it has none), downloaded once.
+    Subclasses name another ``artifact`` and how to ``read`` it."""
+
+    artifact = MATCHES_ARTIFACT
+    read = staticmethod(Matches.load)
 
     def __init__(self, client):
         self.client = client
         self._cache: dict[str, Matches | None] = {}
 
-    def __call__(self, run_id: str) -> Matches | None:
+    def __call__(self, run_id: str):
         if run_id not in self._cache:
             self._cache[run_id] = self._load(run_id)
         return self._cache[run_id]
 
-    def _load(self, run_id: str) -> Matches | None:
+    def _load(self, run_id: str):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
         try:
-            if MATCHES_ARTIFACT not in {a.path for a in self.client.list_artifacts(run_id)}:
+            if self.artifact not in {a.path for a in self.client.list_artifacts(run_id)}:
                 return None
             with tempfile.TemporaryDirectory() as tmp:
-                return Matches.load(Path(self.client.download_artifacts(run_id, MATCHES_ARTIFACT, tmp)))
+                return self.read(Path(self.client.download_artifacts(run_id, self.artifact, tmp)))
         except Exception:  # unreachable artifact store, unreadable file: no interval for this run
             return None
 

@@ -22,6 +22,17 @@ class Chart:
 
 
 @dataclass
+class Section:
+    """A report section built elsewhere (e.g. :mod:`.errors`): tables, charts and notes, rendered
+    alike in markdown and HTML. ``tables``: (subtitle, (header, rows, row classes))."""
+
+    title: str
+    tables: list[tuple[str, tuple[list[str], list[list["Cell"]], list[str]]]] = field(default_factory=list)
+    charts: list[Chart] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     title: str
     table: ResultsTable
@@ -33,6 +44,10 @@ class Report:
     trials: list[Trial] = field(default_factory=list)
     variant_of: dict[str, str] = field(default_factory=dict)  # run id -> variant name
     notes: list[str] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)   # after the charts
+
+    def all_charts(self) -> list[Chart]:
+        return self.charts + [c for s in self.sections for c in s.charts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +81,8 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         header += [f"paper {m}" for m in paper.metrics] + ["paper ΔAP"]
     if stats:
         header += ["n", "AP std"]
+    cost = cost_columns(table) if stats else []
+    header += [label for label, _ in cost]
     rows, classes = [], []
     for v in table.rows:
         is_base = v is table.baseline
@@ -80,6 +97,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
             cells += _paper_cells(paper, v, is_base)
         if stats:
             cells += [(str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
+        cells += [(fmt(table.cost.get(v.name, {}).get(key), 2), "num") for _, key in cost]
         rows.append(cells)
         classes.append("baseline" if is_base else "best" if v is table.best else "")
     if table.improvement is not None:
@@ -92,9 +110,18 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
             cells += [("", "")] * (len(paper.metrics) + 1)
         if stats:
             cells += [("", "")] * 2
+        cells += [("", "")] * len(cost)
         rows.append(cells)
         classes.append("improvement")
     return header, rows, classes
+
+
+def cost_columns(table: ResultsTable) -> list[tuple[str, str]]:
+    """(header, cost key) of the training-cost columns the table has values for (GPU-hours only
+    where some variant used GPUs)."""
+    columns = [("train h", "wall_hours"), ("train CPU-h", "cpu_hours"), ("train GPU-h", "gpu_hours")]
+    return [(label, key) for label, key in columns
+            if any((c.get(key) or 0) > 0 for c in table.cost.values())]
 
 
 def _paper_cells(paper, v, is_base: bool) -> list[Cell]:
@@ -210,6 +237,14 @@ def to_markdown(report: Report) -> str:
         out += [f"### {chart.title}", "", f"![{chart.title}]({chart.stem}.png)", ""]
         if chart.caption:
             out += [chart.caption, ""]
+    for section in report.sections:
+        out += [f"## {section.title}", ""]
+        for subtitle, table in section.tables:
+            out += ([f"### {subtitle}", ""] if subtitle else []) + [md_table(*table), ""]
+        for chart in section.charts:
+            out += [f"### {chart.title}", "", f"![{chart.title}]({chart.stem}.png)", ""]
+            out += [chart.caption, ""] if chart.caption else []
+        out += [f"- {n}" for n in section.notes] + ([""] if section.notes else [])
     for block in report.nms:
         out += [f"## NMS comparison{': ' + block.model if block.model else ''}", "",
                 md_table(*nms_rows(block)), ""]
@@ -269,6 +304,13 @@ def html_table(header: list[str], rows: list[list[Cell]], classes: list[str] | N
     return "\n".join(out)
 
 
+def _html_chart(chart: Chart) -> str:
+    data = base64.b64encode(chart.png).decode("ascii")
+    return (f"<h3>{_e(chart.title)}</h3>"
+            f'<figure><img alt="{_e(chart.title)}" src="data:image/png;base64,{data}">'
+            + (f"<figcaption>{_e(chart.caption)}</figcaption>" if chart.caption else "") + "</figure>")
+
+
 def to_html(report: Report) -> str:
     body = [f"<h1>{_e(report.title)}</h1>"]
     if report.meta:
@@ -279,12 +321,13 @@ def to_html(report: Report) -> str:
     if any(s != k for s, k in report.keys.items()):
         body.append('<p class="note">Keys: ' + "; ".join(f"<code>{_e(s)}</code> = <code>{_e(k)}</code>"
                                                          for s, k in report.keys.items() if s != k) + "</p>")
-    for chart in report.charts:
-        data = base64.b64encode(chart.png).decode("ascii")
-        body.append(f"<h3>{_e(chart.title)}</h3>"
-                    f'<figure><img alt="{_e(chart.title)}" src="data:image/png;base64,{data}">'
-                    + (f"<figcaption>{_e(chart.caption)}</figcaption>" if chart.caption else "")
-                    + "</figure>")
+    body += [_html_chart(chart) for chart in report.charts]
+    for section in report.sections:
+        body.append(f"<h2>{_e(section.title)}</h2>")
+        for subtitle, table in section.tables:
+            body += ([f"<h3>{_e(subtitle)}</h3>"] if subtitle else []) + [html_table(*table)]
+        body += [_html_chart(chart) for chart in section.charts]
+        body += [f'<p class="note">{_e(n)}</p>' for n in section.notes]
     for block in report.nms:
         body += [f"<h2>NMS comparison{': ' + _e(block.model) if block.model else ''}</h2>",
                  html_table(*nms_rows(block))]

@@ -235,6 +235,7 @@ class ResultsTable:
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats_notes: list[str] = field(default_factory=list)       # resolution, unavailable intervals
     paper: PaperColumns | None = None   # the paper's numbers beside ours (platform/report/paper.py)
+    cost: dict[str, dict[str, float | None]] = field(default_factory=dict)  # variant -> training cost (cost.py)
 
     def interval(self, row: Variant, metric: str):
         return self.intervals.get(row.name, {}).get(metric)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ioulab.detector import config as C
+from ioulab.platform.sweep import cost
 from ioulab.platform.sweep.driver import (STATUS_TO_MLFLOW, TrialRecord, _is_uri, _join, _write_text,
                                           summary_markdown)
 from ioulab.platform.sweep.space import Plan
@@ -118,6 +119,7 @@ def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: s
                 writer.log_metrics(rec.metrics, 0)
         if rec.pending:
             writer.requeue(rec.pending)
+        writer.log_metrics(cost.record_cost(plan, rec), 0)
         writers.append((writer, rec, tags, status))
     train_runs = {r.trial_id: r.run_id for r in records if r.stage == "train"}
     complete = True
@@ -184,6 +186,7 @@ def finalize(plan: Plan, state: dict, records: list[TrialRecord], parent: Mlflow
     else:
         tags = mlflow_names.summary_tags(counts, best.trial_id, best.run_id, best.label)
         parent.log_metrics(mlflow_names.best_metrics(best.metrics), 0)
+    parent.log_metrics(cost.sweep_total(plan, records), 0)
     parent.set_tags(tags)
     parent.deliver(max(0.0, deadline - time.monotonic()))
     complete &= parent.close("FINISHED")

@@ -1,0 +1,140 @@
+"""The report's section "Where the AP goes": why AP moved, from what every evaluation logs
+(:mod:`ioulab.detector.engine.erroranalysis`: the ``err/...`` metrics and ``errors.json``).
+
+* TIDE-style ΔAP50 per variant (what fixing each error type would gain; lower = fewer such
+  errors) and COCO's error analysis (AP as each kind of error is forgiven in turn), each with
+  its Δ against the baseline;
+* the per-class ΔAP of the best variant against the baseline, biggest gains and losses first;
+* the precision-recall curves of baseline and best at IoU 0.9.
+
+Values are means over a variant's finished trials. The breakdown has no bootstrap intervals
+(the results table's Δ columns do): the notes say so.
+"""
+from __future__ import annotations
+
+import statistics
+
+from ioulab.detector.engine import erroranalysis as EA
+from ioulab.detector.engine.cocoeval import RECALL_THRESHOLDS
+from ioulab.platform import mlflow_names
+from ioulab.platform.report import charts
+from ioulab.platform.report.intervals import MatchStore
+from ioulab.platform.report.render import Chart, Section
+from ioulab.platform.report.table import ResultsTable, Variant, fmt, fmt_delta
+
+TITLE = "Where the AP goes"
+CHART_STEM = "pr_iou90"
+CLASS_ROWS = 5           # gains and losses shown each (all classes when there are few)
+
+
+class ErrorStore(MatchStore):
+    """The logged :class:`~ioulab.detector.engine.erroranalysis.ErrorAnalysis` of each run."""
+
+    artifact = EA.ERRORS_FILE
+    read = staticmethod(EA.ErrorAnalysis.load)
+
+
+def _cell(v: Variant, base: Variant | None, metric: str, digits: int = 1) -> tuple[str, str]:
+    """``2.4 (−0.7)``: the variant's mean and its Δ against the baseline."""
+    value = v.mean(metric)
+    if value is None:
+        return fmt(None), "num"
+    if base is None or v is base or base.mean(metric) is None:
+        return fmt(value, digits), "num"
+    return f"{fmt(value, digits)} ({fmt_delta(value - base.mean(metric), digits)})", "num"
+
+
+def breakdown_table(rows: list[Variant], base: Variant | None, metrics: list[str], labels: list[str],
+                    digits: int = 1):
+    """(header, rows, classes) of ``metrics`` per variant, the baseline first."""
+    body = [[(v.name + (" (baseline)" if v is base else ""), "name")] + [_cell(v, base, m, digits) for m in metrics]
+            for v in rows]
+    return ["Variant", *labels], body, ["baseline" if v is base else "" for v in rows]
+
+
+def localization_verdict(rows: list[Variant], base: Variant | None) -> str:
+    """Does localization error (TIDE loc ΔAP50) fall from the baseline to the other variants?"""
+    metric = f"{mlflow_names.ERROR_PREFIX}loc"
+    if base is None or base.mean(metric) is None:
+        return "Localization error: no baseline with an error analysis to compare against."
+    b = base.mean(metric)
+    steps = [(v.name, v.mean(metric)) for v in rows if v is not base and v.mean(metric) is not None]
+    if not steps:
+        return "Localization error: only the baseline has an error analysis."
+    lower = [n for n, x in steps if x < b]
+    trail = " → ".join([f"{base.name} {b:.2f}"] + [f"{n} {x:.2f}" for n, x in steps])
+    if len(lower) == len(steps):
+        verdict = "falls below the baseline in every variant"
+    elif lower:
+        verdict = f"falls below the baseline in {len(lower)} of {len(steps)} variants ({'; '.join(lower)})"
+    else:
+        verdict = "does not fall below the baseline in any variant"
+    return f"Localization error (ΔAP50 if every loc error were fixed): {trail}: it {verdict}."
+
+
+def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float]] | None:
+    """(class -> mean AP, mean PR curve at IoU .9) over the variant's runs with ``errors.json``."""
+    found = [a for a in (fetch(t.run_id) for t in v.finished) if a is not None]
+    if not found:
+        return None
+    names = [n for n in found[0].class_ap if all(a.class_ap.get(n) is not None for a in found)]
+    class_ap = {n: statistics.fmean(a.class_ap[n] for a in found) for n in names}
+    curve = [statistics.fmean(a.precision["0.9"][r] for a in found) for r in range(len(found[0].recall))]
+    return class_ap, curve
+
+
+def class_table(base_ap: dict[str, float], best_ap: dict[str, float], limit: int = CLASS_ROWS):
+    """(header, rows, classes): classes by ΔAP (best − baseline), the ``limit`` biggest gains
+    then the ``limit`` biggest losses (every class when there are at most 2 x limit)."""
+    deltas = sorted(((best_ap[n] - base_ap[n], n) for n in base_ap if n in best_ap), reverse=True)
+    if len(deltas) > 2 * limit:
+        deltas = deltas[:limit] + deltas[-limit:]
+    body = [[(n, "name"), (fmt(base_ap[n]), "num"), (fmt(best_ap[n]), "num"),
+             (fmt_delta(d), "pos" if d > 0.05 else "neg" if d < -0.05 else "num")] for d, n in deltas]
+    return ["Class", "baseline AP", "best AP", "ΔAP"], body, [""] * len(body)
+
+
+def where_section(results: ResultsTable, fetch) -> Section | None:
+    """The section for ``results`` (None when no run of it logged an error analysis);
+    ``fetch(run_id)`` returns a run's ErrorAnalysis or None (:class:`ErrorStore`)."""
+    prefix = mlflow_names.ERROR_PREFIX
+    rows = [v for v in results.rows if v.mean(f"{prefix}loc") is not None]
+    if not rows:
+        return None
+    base = results.baseline if results.baseline in rows else None
+    section = Section(TITLE)
+    section.tables.append(("TIDE-style errors: ΔAP50 if every error of a type were fixed (Δ vs baseline)",
+                           breakdown_table(rows, base, [prefix + k for k in EA.TIDE_TYPES], list(EA.TIDE_TYPES))))
+    section.tables.append(("Error counts (false positives by type; missed objects)",
+                           breakdown_table(rows, base, [f"{prefix}n_{k}" for k in EA.TIDE_TYPES],
+                                           list(EA.TIDE_TYPES), digits=0)))
+    section.tables.append(("COCO error analysis: AP as each kind of error is forgiven (Δ vs baseline)",
+                           breakdown_table(rows, base, [f"{prefix}coco_{k.lower()}" for k in EA.COCO_STEPS],
+                                           list(EA.COCO_STEPS))))
+    section.notes.append(localization_verdict(rows, base))
+    best = results.best if results.best in rows else None
+    if base is not None and best is not None:
+        base_mean, best_mean = _mean_analysis(base, fetch), _mean_analysis(best, fetch)
+        if base_mean is not None and best_mean is not None:
+            section.tables.append((f"Per-class ΔAP: {best.name} (best) − {base.name} (baseline)",
+                                   class_table(base_mean[0], best_mean[0])))
+            recall = RECALL_THRESHOLDS.tolist()
+            fig = EA.curves_figure({f"{base.name} (baseline)": (recall, base_mean[1]),
+                                    f"{best.name} (best)": (recall, best_mean[1])},
+                                   "precision-recall at IoU 0.9 (mean over classes)")
+            section.charts.append(Chart(CHART_STEM, "Precision-recall at IoU 0.9: baseline and best",
+                                        charts.png_bytes(fig)))
+        else:
+            section.notes.append("Per-class ΔAP and PR curves: the baseline's or best variant's runs "
+                                 f"have no {EA.ERRORS_FILE} artifact.")
+    section.notes += [
+        "TIDE-style (Bolya et al., ECCV 2020) at IoU .5 (background below .1): cls = right box, wrong class; "
+        "loc = right class, IoU in [.1, .5); both = wrong class and badly placed; dupe = a second box on "
+        "a found object; bkg = nothing there; miss = an object no box claims. Lower is better.",
+        "COCO error analysis (the COCO API's analyze()): C75, C50 = AP at IoU .75/.5; Loc = AP at IoU .1; "
+        "Sim/Oth = confusion with a same-supercategory/any other class forgiven; BG = all false positives "
+        "forgiven; FN = every object found (100).",
+        "Means over each variant's finished trials; no bootstrap intervals for the breakdown (the results "
+        "table's ΔAP has them).",
+    ]
+    return section

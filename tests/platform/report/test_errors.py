@@ -1,0 +1,111 @@
+"""The report's "Where the AP goes" section (platform/report/errors.py) over a sweep whose trials
+logged the real error analysis of handmade detections: a baseline, and a "refined" variant whose
+boxes were moved halfway to their objects (localization error must fall); markdown and HTML, and
+the HTML in headless Chromium."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ioulab.detector.engine import cocoeval as CE
+from ioulab.detector.engine import erroranalysis as EA
+from ioulab.platform.bench.eval import synthetic_eval_set
+from tests.platform.report.helpers import cli, md_tables
+from tests.platform.report.store import SweepStore
+
+MODE = "inference.mode"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _refined(gt: dict, dets: list[dict], step: float) -> list[dict]:
+    """Each box moved ``step`` of the way to the same-class object it overlaps most (if any)."""
+    from pycocotools import mask as mask_utils
+
+    by_key: dict[tuple, list[dict]] = {}
+    for a in gt["annotations"]:
+        by_key.setdefault((a["image_id"], a["category_id"]), []).append(a)
+    out = []
+    for d in dets:
+        gts = by_key.get((d["image_id"], d["category_id"]), [])
+        box = np.array(d["bbox"], dtype=float)
+        if gts:
+            ious = np.asarray(mask_utils.iou([d["bbox"]], [g["bbox"] for g in gts], [0] * len(gts))).ravel()
+            if ious.max() > 0.05:
+                box += step * (np.array(gts[int(ious.argmax())]["bbox"]) - box)
+        out.append({**d, "bbox": box.round(2).tolist()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def err_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow_err")
+    gt, dets, _ = synthetic_eval_set(24, 4, 24, seed=5)
+    st = SweepStore(tmp)
+    p = st.parent("where", [MODE], {MODE: "baseline"})
+    ids = {"parent": p}
+    for mode, step in (("baseline", 0.0), ("iou_nms", 0.3), ("refine", 0.6)):
+        variant = _refined(gt, dets, step)
+        analysis = EA.analyze(gt, variant)
+        folder = tmp / mode
+        folder.mkdir()
+        EA.write(folder, analysis)
+        metrics = {**CE.evaluate(gt, variant), **analysis.metrics()}
+        rid = ids[mode] = st.trial(p, "where", mode, {MODE: mode}, metrics, stage="eval")
+        st.client.log_artifact(rid, str(folder / EA.ERRORS_FILE))
+        ids[f"{mode}_analysis"] = analysis
+    return SimpleNamespace(uri=st.uri, client=st.client, ids=ids)
+
+
+def test_section_shows_breakdown_deltas_classes_and_curves(err_store, tmp_path):
+    out = tmp_path / "report"
+    rc, _, err = cli("report", "where", "--tracking-uri", err_store.uri, "--out", out, "--no-log",
+                     "--resamples", "0")
+    assert rc == 0, err
+    md = (out / "report.md").read_text()
+    assert "## Where the AP goes" in md and "![Precision-recall at IoU 0.9" in md
+    assert (out / "pr_iou90.png").read_bytes()[:4] == b"\x89PNG"
+    section = md[md.index("## Where the AP goes"):]
+    tide, counts, coco, classes = md_tables(section)[:4]
+    assert tide[0] == ["Variant", *EA.TIDE_TYPES] and coco[0] == ["Variant", *EA.COCO_STEPS]
+    base, refine = err_store.ids["baseline_analysis"], err_store.ids["refine_analysis"]
+    rows = {r[0]: r for r in tide[1:]}
+    loc = 1 + EA.TIDE_TYPES.index("loc")
+    assert rows["mode=baseline (baseline)"][loc] == f"{base.tide_delta['loc']:.1f}"
+    delta = refine.tide_delta["loc"] - base.tide_delta["loc"]
+    assert delta < 0   # moving boxes onto their objects removes localization error
+    assert rows["mode=refine"][loc] == f"{refine.tide_delta['loc']:.1f} (\u2212{abs(delta):.1f})"
+    assert "it falls below the baseline in every variant" in section
+    # per-class ΔAP of the best variant (refine), sorted from the biggest gain down
+    assert classes[0] == ["Class", "baseline AP", "best AP", "ΔAP"] and "mode=refine (best)" in section
+    deltas = [refine.class_ap[r[0]] - base.class_ap[r[0]] for r in classes[1:]]
+    assert deltas == sorted(deltas, reverse=True) and len(deltas) == len(base.class_ap)
+    html = (out / "report.html").read_text()
+    assert "<h2>Where the AP goes</h2>" in html and html.count("data:image/png;base64,") >= 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: headless render test skipped")
+def test_section_renders_in_headless_chromium(err_store, tmp_path):
+    out = tmp_path / "report"
+    rc, _, err = cli("report", "where", "--tracking-uri", err_store.uri, "--out", out, "--no-log",
+                     "--resamples", "0")
+    assert rc == 0, err
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(base + ["--dump-dom", (out / "report.html").as_uri()], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "Where the AP goes" in dom and "Per-class ΔAP" in dom
+    assert 'alt="Precision-recall at IoU 0.9: baseline and best"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1400,4000", (out / "report.html").as_uri()],
+                   capture_output=True, text=True, timeout=60)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert img.mean(axis=2).std() > 15   # drawn, not blank
+    shutil.copy(shot, out / "screenshot.png")
+    print(f"screenshot: {out / 'screenshot.png'}")
