@@ -105,7 +105,17 @@ def test_eval_only_grid_trains_once_then_evaluates_a_given_checkpoint(ray_cluste
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert not any(k.startswith("loss/") for k in run.data.metrics) and set(METRIC_KEYS) <= set(run.data.metrics)
         assert run.data.params["model.roi_heads.box_loss.type"] == "diou"  # the trained model's config
+        # where the AP goes: every evaluation logs the breakdown and its files (issue 17)
+        assert {"err/loc", "err/n_miss", "err/coco_c75"} <= set(run.data.metrics)
+        assert {"errors.json", "pr_curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert sorted(float(r.data.params["inference.nms.beta"]) for r in eval_runs) == [0.6, 0.8, 1.0]
+    # what it cost: each trial's seconds x its stage's resources (1 CPU here), the parent's total
+    for run in children:
+        assert run.data.metrics["cost/cpu_hours"] == pytest.approx(run.data.metrics["cost/wall_seconds"] / 3600)
+    assert parent.data.metrics["cost/cpu_hours"] == pytest.approx(
+        sum(r.data.metrics["cost/cpu_hours"] for r in children)) and parent.data.metrics["cost/cpu_hours"] > 0
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # opens on the runs table
 
     # The same grid on that checkpoint, named by its MLflow run: no training at all.
     plan = load_space(space, tiny_sets, name="beta-again", checkpoint=f"mlflow:{train_run.info.run_id}")
