@@ -3,9 +3,11 @@ what cost?").
 
 A training trial's cost is what the sweep logged on its run (``cost/cpu_hours``,
 ``cost/gpu_hours``, ``cost/wall_seconds``: Ray's trial time x the stage's resources, see
-:mod:`ioulab.platform.sweep.cost`); a run from before those metrics falls back to MLflow's own
-record of its wall time (end - start), without CPU / GPU hours. An evaluation variant costs the
-training of the model it evaluates (``ioulab.train_run_id``). Means over the variant's trials.
+:mod:`ioulab.platform.sweep.cost`); a run from before those metrics has none (MLflow's start and
+end times are not used: a resumed or replayed run's span is not its compute), and a table
+without any cost keeps its old columns. An evaluation variant costs the
+training of the model it evaluates (``ioulab.train_run_id``; unknown when the sweep was given a
+checkpoint) plus its own evaluation (``eval CPU-h``). Means over the variant's trials.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import ResultsTable
 
 KEYS = ("wall_hours", "cpu_hours", "gpu_hours")
+EVAL_KEYS = ("eval_cpu_hours", "eval_gpu_hours")   # an evaluation variant's own trials
 
 
 def training_cost(trial: Trial) -> dict[str, float | None]:
@@ -24,8 +27,7 @@ def training_cost(trial: Trial) -> dict[str, float | None]:
     if mlflow_names.COST_SECONDS in m:
         return {"wall_hours": m[mlflow_names.COST_SECONDS] / 3600.0,
                 "cpu_hours": m.get(mlflow_names.COST_CPU_HOURS), "gpu_hours": m.get(mlflow_names.COST_GPU_HOURS)}
-    wall = (trial.end_time - trial.start_time) / 3.6e6 if trial.end_time and trial.start_time else 0.0
-    return {"wall_hours": wall if wall > 0 else None, "cpu_hours": None, "gpu_hours": None}
+    return dict.fromkeys(KEYS)
 
 
 def attach_cost(results: ResultsTable, trials: list[Trial]) -> None:
@@ -34,7 +36,10 @@ def attach_cost(results: ResultsTable, trials: list[Trial]) -> None:
     for v in results.rows:
         trained = [by_id.get(t.train_run_id) if t.stage == "eval" else t for t in v.finished]
         costs = [training_cost(t) for t in trained if t is not None]
-        mean = {k: statistics.fmean(vals) if (vals := [c[k] for c in costs if c[k] is not None]) else None
-                for k in KEYS}
+        costs += [{"eval_cpu_hours": t.metrics.get(mlflow_names.COST_CPU_HOURS),
+                   "eval_gpu_hours": t.metrics.get(mlflow_names.COST_GPU_HOURS)}
+                  for t in v.finished if t.stage == "eval"]
+        mean = {k: statistics.fmean(vals) if (vals := [c[k] for c in costs if c.get(k) is not None]) else None
+                for k in KEYS + EVAL_KEYS}
         if any(x is not None for x in mean.values()):
             results.cost[v.name] = mean

@@ -52,24 +52,41 @@ def breakdown_table(rows: list[Variant], base: Variant | None, metrics: list[str
     return ["Variant", *labels], body, ["baseline" if v is base else "" for v in rows]
 
 
-def localization_verdict(rows: list[Variant], base: Variant | None) -> str:
-    """Does localization error (TIDE loc ΔAP50) fall from the baseline to the other variants?"""
-    metric = f"{mlflow_names.ERROR_PREFIX}loc"
-    if base is None or base.mean(metric) is None:
-        return "Localization error: no baseline with an error analysis to compare against."
-    b = base.mean(metric)
-    steps = [(v.name, v.mean(metric)) for v in rows if v is not base and v.mean(metric) is not None]
-    if not steps:
-        return "Localization error: only the baseline has an error analysis."
-    lower = [n for n, x in steps if x < b]
-    trail = " → ".join([f"{base.name} {b:.2f}"] + [f"{n} {x:.2f}" for n, x in steps])
+def _gap(v: Variant, prefix: str) -> float | None:
+    """C50 − C75 of COCO's analysis: AP lost between IoU .5 and .75, i.e. boxes placed well
+    enough for .5 but not for .75 (localization error at strict IoU)."""
+    c50, c75 = v.mean(f"{prefix}coco_c50"), v.mean(f"{prefix}coco_c75")
+    return None if c50 is None or c75 is None else c50 - c75
+
+
+def _trend(name: str, rows: list[Variant], base: Variant, value) -> str:
+    """One sentence: ``name`` per variant (baseline first) and whether it falls below the baseline."""
+    b = value(base)
+    steps = [(v.name, value(v)) for v in rows if v is not base and value(v) is not None]
+    if b is None or not steps:
+        return f"{name}: not enough variants with an error analysis to compare."
+    lower = [n for n, x in steps if x < b - 0.05]
+    trail = " → ".join([f"{base.name} {b:.1f}"] + [f"{n} {x:.1f}" for n, x in steps])
     if len(lower) == len(steps):
         verdict = "falls below the baseline in every variant"
     elif lower:
         verdict = f"falls below the baseline in {len(lower)} of {len(steps)} variants ({'; '.join(lower)})"
     else:
         verdict = "does not fall below the baseline in any variant"
-    return f"Localization error (ΔAP50 if every loc error were fixed): {trail}: it {verdict}."
+    return f"{name}: {trail}: it {verdict}."
+
+
+def localization_verdict(rows: list[Variant], base: Variant | None) -> list[str]:
+    """Does localization error fall from the baseline to the other variants? Twice: TIDE's loc
+    (IoU .1–.5, what AP50 sees) and COCO's C50 − C75 (what the strict thresholds see: where
+    IoU-aware inference acts)."""
+    prefix = mlflow_names.ERROR_PREFIX
+    if base is None:
+        return ["Localization error: no baseline with an error analysis to compare against."]
+    return [_trend("Localization error at IoU .1–.5 (TIDE loc, ΔAP50 if fixed)", rows, base,
+                   lambda v: v.mean(f"{prefix}loc")),
+            _trend("Localization error at strict IoU (COCO C50 − C75: AP found at .5 but lost at .75)",
+                   rows, base, lambda v: _gap(v, prefix))]
 
 
 def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float]] | None:
@@ -111,7 +128,7 @@ def where_section(results: ResultsTable, fetch) -> Section | None:
     section.tables.append(("COCO error analysis: AP as each kind of error is forgiven (Δ vs baseline)",
                            breakdown_table(rows, base, [f"{prefix}coco_{k.lower()}" for k in EA.COCO_STEPS],
                                            list(EA.COCO_STEPS))))
-    section.notes.append(localization_verdict(rows, base))
+    section.notes += localization_verdict(rows, base)
     best = results.best if results.best in rows else None
     if base is not None and best is not None:
         base_mean, best_mean = _mean_analysis(base, fetch), _mean_analysis(best, fetch)

@@ -97,7 +97,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
             cells += _paper_cells(paper, v, is_base)
         if stats:
             cells += [(str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
-        cells += [(fmt(table.cost.get(v.name, {}).get(key), 2), "num") for _, key in cost]
+        cells += [(fmt(table.cost.get(v.name, {}).get(key), 3), "num") for _, key in cost]
         rows.append(cells)
         classes.append("baseline" if is_base else "best" if v is table.best else "")
     if table.improvement is not None:
@@ -119,7 +119,8 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
 def cost_columns(table: ResultsTable) -> list[tuple[str, str]]:
     """(header, cost key) of the training-cost columns the table has values for (GPU-hours only
     where some variant used GPUs)."""
-    columns = [("train h", "wall_hours"), ("train CPU-h", "cpu_hours"), ("train GPU-h", "gpu_hours")]
+    columns = [("train h", "wall_hours"), ("train CPU-h", "cpu_hours"), ("train GPU-h", "gpu_hours"),
+               ("eval CPU-h", "eval_cpu_hours"), ("eval GPU-h", "eval_gpu_hours")]
     return [(label, key) for label, key in columns
             if any((c.get(key) or 0) > 0 for c in table.cost.values())]
 

@@ -48,7 +48,6 @@ class Trial:
     metrics: dict[str, float]
     tags: dict[str, str]
     start_time: int = 0
-    end_time: int = 0            # MLflow's record (ms); 0 while running
 
     @property
     def train_run_id(self) -> str | None:
@@ -63,7 +62,7 @@ class Trial:
                    status=status, run_status=run.info.status,
                    stage=tags.get(mlflow_names.STAGE, mlflow_names.DEFAULT_STAGE),
                    params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags,
-                   start_time=run.info.start_time or 0, end_time=run.info.end_time or 0)
+                   start_time=run.info.start_time or 0)
 
 
 @dataclass

@@ -6,9 +6,9 @@ from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import Variant, results_table
 
 
-def _trial(run_id, stage, metrics, train_run_id=None, start=0, end=0):
+def _trial(run_id, stage, metrics, train_run_id=None):
     tags = {"ioulab.train_run_id": train_run_id} if train_run_id else {}
-    return Trial(run_id, run_id, "FINISHED", "FINISHED", stage, {}, metrics, tags, start, end)
+    return Trial(run_id, run_id, "FINISHED", "FINISHED", stage, {}, metrics, tags)
 
 
 def test_cost_columns_by_hand():
@@ -16,13 +16,14 @@ def test_cost_columns_by_hand():
                                      "cost/gpu_hours": 0.0})
     train_b = _trial("tb", "train", {"AP": 31.0, "cost/wall_seconds": 3600.0, "cost/cpu_hours": 2.0,
                                      "cost/gpu_hours": 0.0})
-    old = _trial("old", "train", {"AP": 29.0}, start=1_000, end=1_000 + 1_800_000)   # MLflow's record only
-    evals = [_trial("e1", "eval", {"AP": 32.0}, train_run_id="ta"), _trial("e2", "eval", {"AP": 33.0}, train_run_id="tb")]
+    old = _trial("old", "train", {"AP": 29.0})   # logged before the cost metrics
+    evals = [_trial("e1", "eval", {"AP": 32.0, "cost/cpu_hours": 0.01}, train_run_id="ta"),
+             _trial("e2", "eval", {"AP": 33.0, "cost/cpu_hours": 0.03}, train_run_id="tb")]
     variants = [Variant({"m": "base"}, "base", [old]), Variant({"m": "x"}, "x", evals)]
     table = results_table(variants, variants[0])
     attach_cost(table, [train_a, train_b, old, *evals])
     header, rows, _ = results_rows(table)
-    assert header[-2:] == ["train h", "train CPU-h"]        # no GPU used: no GPU-hours column
-    cells = {r[0][0].split(" (")[0]: [c for c, _ in r[-2:]] for r in rows}
-    assert cells["base"] == ["0.50", "—"]                  # wall time from MLflow, resources unknown
-    assert cells["x"] == ["1.50", "3.00"]                  # mean of its two trained models
+    assert header[-3:] == ["train h", "train CPU-h", "eval CPU-h"]   # no GPU used: no GPU-hours column
+    cells = {r[0][0].split(" (")[0]: [c for c, _ in r[-3:]] for r in rows}
+    assert cells["base"] == ["—", "—", "—"]                # logged before the cost metrics: unknown
+    assert cells["x"] == ["1.500", "3.000", "0.020"]       # mean of its two trained models; its evals

@@ -78,7 +78,11 @@ def test_section_shows_breakdown_deltas_classes_and_curves(err_store, tmp_path):
     delta = refine.tide_delta["loc"] - base.tide_delta["loc"]
     assert delta < 0   # moving boxes onto their objects removes localization error
     assert rows["mode=refine"][loc] == f"{refine.tide_delta['loc']:.1f} (\u2212{abs(delta):.1f})"
-    assert "it falls below the baseline in every variant" in section
+    assert "Localization error at IoU .1–.5 (TIDE loc, ΔAP50 if fixed): mode=baseline " \
+           f"{base.tide_delta['loc']:.1f} → mode=iou_nms" in section
+    gap = base.coco["C50"] - base.coco["C75"], refine.coco["C50"] - refine.coco["C75"]
+    assert "Localization error at strict IoU (COCO C50 − C75" in section
+    assert f"mode=baseline {gap[0]:.1f} → " in section and f"mode=refine {gap[1]:.1f}: it " in section
     # per-class ΔAP of the best variant (refine), sorted from the biggest gain down
     assert classes[0] == ["Class", "baseline AP", "best AP", "ΔAP"] and "mode=refine (best)" in section
     deltas = [refine.class_ap[r[0]] - base.class_ap[r[0]] for r in classes[1:]]
