@@ -92,7 +92,7 @@ def attach_intervals(table: ResultsTable, fetch: Callable[[str], Matches | None]
     if table.baseline is None or len(table.rows) < 2:
         return
     boot = _Bootstrapper(fetch, resamples, seed)
-    metrics = tuple(dict.fromkeys(("AP", *table.columns)))
+    metrics = tuple(dict.fromkeys(("AP", *table.columns, "AP75")))   # AP75: C50 − C75 in errors.py
     _compare_rows(boot, table.baseline, table.rows, metrics, table.intervals)
     for block in nms:
         _compare_rows(boot, block.baseline, block.rows, ("AP", "AP75"), block.intervals)

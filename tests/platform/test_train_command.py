@@ -41,6 +41,27 @@ def test_train_then_eval_logs_to_sqlite_mlflow(synth_root, tmp_path):
                  "--set", "inference.nms.type=diou", "--out", "ev", "--no-mlflow", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert set(json.loads((tmp_path / "ev" / "metrics.json").read_text())) == set(metrics)
+    lines = ev.stdout.splitlines()   # the AP line, then where the AP goes
+    ap_line = next(i for i, line in enumerate(lines) if line.startswith("AP "))
+    assert lines[ap_line + 1].startswith("COCO error analysis (AP): C75") and "err/" not in lines[ap_line]
+    assert lines[ap_line + 2].startswith("ΔAP50 if fixed [count]:")
 
     bad = _ioulab("train", "--set", "model.rpn.nms_thres=0.5", "--no-mlflow", cwd=tmp_path)
     assert bad.returncode != 0 and "model.rpn.nms_thresh" in bad.stderr
+
+
+def test_print_errors_after_the_metrics(tmp_path, capsys):
+    """What `ioulab eval` prints from the evaluation's errors.json (none written: nothing printed)."""
+    from ioulab.detector.engine import erroranalysis as EA
+    from ioulab.platform.commands.train import print_errors, print_metrics
+    from tests.detector.engine.test_erroranalysis import handmade
+
+    analysis = EA.analyze(*handmade())
+    EA.write(tmp_path, analysis)
+    print_metrics({"AP": 40.0, **analysis.metrics()})
+    print_errors(tmp_path)
+    print_errors(tmp_path / "missing")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "AP 40.0" and len(out) == 3
+    assert out[1] == "COCO error analysis (AP): " + "  ".join(f"{k} {v:.1f}" for k, v in analysis.coco.items())
+    assert f"loc +{analysis.tide_delta['loc']:.1f} [1]" in out[2] and "miss +" in out[2]

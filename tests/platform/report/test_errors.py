@@ -14,6 +14,7 @@ import pytest
 from ioulab.detector.engine import cocoeval as CE
 from ioulab.detector.engine import erroranalysis as EA
 from ioulab.platform.bench.eval import synthetic_eval_set
+from ioulab.platform.report.table import fmt_delta
 from tests.platform.report.helpers import cli, md_tables
 from tests.platform.report.store import SweepStore
 
@@ -56,6 +57,8 @@ def err_store(tmp_path_factory):
         metrics = {**CE.evaluate(gt, variant), **analysis.metrics()}
         rid = ids[mode] = st.trial(p, "where", mode, {MODE: mode}, metrics, stage="eval")
         st.client.log_artifact(rid, str(folder / EA.ERRORS_FILE))
+        CE.match(gt, variant).save(folder / "eval_matches.npz")
+        st.client.log_artifact(rid, str(folder / "eval_matches.npz"))
         ids[f"{mode}_analysis"] = analysis
     return SimpleNamespace(uri=st.uri, client=st.client, ids=ids)
 
@@ -89,6 +92,20 @@ def test_section_shows_breakdown_deltas_classes_and_curves(err_store, tmp_path):
     assert deltas == sorted(deltas, reverse=True) and len(deltas) == len(base.class_ap)
     html = (out / "report.html").read_text()
     assert "<h2>Where the AP goes</h2>" in html and html.count("data:image/png;base64,") >= 2
+
+
+def test_strict_iou_localization_change_carries_the_bootstrap_interval(err_store):
+    from ioulab.platform.report.command import build_report
+
+    report, _ = build_report(err_store.client, "where", resamples=200)
+    (section,) = [s for s in report.sections if s.title == "Where the AP goes"]
+    (strict,) = [n for n in section.notes if n.startswith("Localization error at strict IoU")]
+    iv = report.table.intervals["mode=refine"]
+    samples = iv["AP50"].samples - iv["AP75"].samples
+    low, high = np.percentile(samples, [2.5, 97.5])
+    assert low <= iv["AP50"].delta - iv["AP75"].delta <= high
+    assert f"mode=refine {err_store.ids['refine_analysis'].coco['C50'] - err_store.ids['refine_analysis'].coco['C75']:.1f} (Δ " in strict
+    assert f"[{fmt_delta(low)}, {fmt_delta(high)}])" in strict
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: headless render test skipped")
