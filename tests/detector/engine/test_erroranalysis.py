@@ -134,3 +134,12 @@ def test_files_and_metric_names(tmp_path):
     assert metrics["err/loc"] == result.tide_delta["loc"] and metrics["err/n_miss"] == 1.0
     assert metrics["err/coco_bg"] == result.coco["BG"]
     assert "loc +" in result.summary() and "C75" in result.summary()
+
+
+def test_metric_prefix_is_the_naming_contracts():
+    """The detector names its scalars itself (it never imports the platform); the MLflow naming
+    contract (platform/mlflow_names.py) documents the same prefix."""
+    from ioulab.platform import mlflow_names
+
+    assert EA.METRIC_PREFIX == mlflow_names.ERROR_PREFIX
+    assert all(mlflow_names.is_error(m) for m in EA.METRIC_NAMES) and len(set(EA.METRIC_NAMES)) == 19
