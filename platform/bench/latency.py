@@ -33,6 +33,7 @@ import torch
 from ioulab.platform.bench.common import BenchResult
 from ioulab.platform.bench.floors import Recorder, count_ops, nms_floor, refine_floor
 from ioulab.platform.bench.timing import timed
+from ioulab.platform.smoke import add_smoke_test, smoke_overrides
 
 ROWS = [("IoU head off", "baseline"), ("+ IoU-NMS", "iou_nms"),
         ("IoU computed, regular NMS", "iou_regular_nms"), ("+ refine", "refine")]
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--ops-images", type=int, default=5,
                    help="images on which the operators per refinement step are counted")
+    add_smoke_test(p, "2 images of a tiny synthetic validation set, 1 warmup, operators counted on 1")
 
 
 @dataclass
@@ -74,13 +76,14 @@ def _load_models(args):
     baseline is ``--baseline-checkpoint`` or the same weights with the IoU branch removed."""
     from ioulab.detector.engine.evaluate import load_trained
 
-    model, cfg, info, device = load_trained(args.checkpoint, args.overrides)
+    overrides = smoke_overrides(args, data_only=True)
+    model, cfg, info, device = load_trained(args.checkpoint, overrides)
     if model.roi_heads.iou_predictor is None:
         raise SystemExit(f"{args.checkpoint} has no IoU head (model.iou_head.enabled=false)")
     if args.baseline_checkpoint:
         base_model, _, base_info, _ = load_trained(args.baseline_checkpoint)
     else:
-        base_model, base_info = load_trained(args.checkpoint, args.overrides)[0], info
+        base_model, base_info = load_trained(args.checkpoint, overrides)[0], info
         base_model.roi_heads.iou_predictor = None  # the plain Faster R-CNN path
         base_model.roi_heads.postprocess = None
     return model, cfg, info, device, base_model, base_info
@@ -163,11 +166,13 @@ def _overheads(row: dict, series: Series, impl: str) -> None:
 
 
 def run(args) -> BenchResult:
-    from ioulab.detector.engine.datasets import build_datasets
+    from ioulab.detector.data.datasets import build_datasets
     from ioulab.detector.engine.evaluate import coco_metrics, to_coco_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.smoke_test:
+        args.images, args.warmup, args.ops_images = 2, 1, 1
     model, cfg, info, device, base_model, base_info = _load_models(args)
     _, val_set = build_datasets(cfg.data)
     n = len(val_set) if args.images <= 0 else min(args.images, len(val_set))

@@ -52,7 +52,7 @@ class SweepOptions:
     tracking_uri: str | None = None    # default $MLFLOW_TRACKING_URI, else sqlite in the cwd
     experiment: str = "ioulab"
     resume: bool = False
-    checkpoint_ref: str | None = None  # plan.checkpoint resolved (checkpoints.resolve_checkpoint)
+    checkpoint_ref: str | None = None  # plan.checkpoint resolved (checkpoint_source.resolve_checkpoint)
     mlflow_wait: float = 120.0         # seconds the driver keeps retrying MLflow at the end
     verbose: int = 1
     num_cpus: int | None = None        # embedded Ray only
@@ -207,7 +207,7 @@ def _progress_callback():
 def _prepare_configs(plan: Plan, local: bool) -> None:
     """Data paths absolute (trials run in their own working folders); on one machine, generate
     the synthetic dataset once here rather than in every trial."""
-    from ioulab.detector.engine.datasets import absolutize, resolve_paths
+    from ioulab.detector.data.datasets import absolutize, resolve_paths
 
     cfg = C.from_dict(plan.train_config, source=f"{plan.space_file} (plan)")
     absolutize(cfg.data)

@@ -559,7 +559,7 @@ def _point_configs(points: list[dict], train_cfg: C.Config, checkpoint: str | No
         label = _label(overrides)
         full = C.clone(train_cfg)
         _apply(full, overrides, f"{where} (grid point {label})")
-        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoints.check_checkpoint)
+        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoint_source.check_checkpoint)
             check_trial_config(full, where, label)
             training = C.clone(train_cfg)  # the training trial's config (no inference-only keys)
             _apply(training, _train_part(overrides), f"{where} (grid point {label})")
