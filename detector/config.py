@@ -662,8 +662,14 @@ def _at_least(low: str, high: str):
     return rule
 
 
+def mode_needs_iou_head(mode: str) -> bool:
+    """The one statement of the rule: every inference mode but ``baseline`` reads the IoU head's
+    predictions (the config rule below and the model factory both ask here)."""
+    return mode != "baseline"
+
+
 def _mode_needs_iou_head(cfg: Config):
-    if cfg.inference.mode != "baseline" and not cfg.model.iou_head.enabled:
+    if mode_needs_iou_head(cfg.inference.mode) and not cfg.model.iou_head.enabled:
         return (("inference.mode", "model.iou_head.enabled"),
                 f"inference.mode={cfg.inference.mode!r} needs an IoU head, but "
                 f"{_shown(cfg, 'model.iou_head.enabled')}; train with model.iou_head.enabled=true, "

@@ -101,6 +101,10 @@ def _run(args) -> int:
         from ioulab.platform.bench.common import format_table, to_json
 
         result = module.run(args)
+        if getattr(args, "smoke_test", False):
+            from ioulab.platform.smoke import MARK
+
+            result.title = f"{MARK}: {result.title}"
         print(format_table(result), flush=True)
         if args.json:
             to_json(result, args.json)

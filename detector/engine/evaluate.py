@@ -97,7 +97,7 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
     change of ``model.*`` fails with the keys that differ. Returns (model, cfg, dataset_info, device).
     """
     from ioulab.detector import config as C
-    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine import checkpoint_file as ckpt_io
     from ioulab.detector.engine.train import resolve_device
     from ioulab.detector.model import build_model
 
@@ -121,7 +121,7 @@ def evaluate_checkpoint(checkpoint_path, overrides=(), out_dir=None, progress: b
     """Evaluate a saved checkpoint on its config's validation split (with ``overrides``), under
     the AMP policy its training used (``train.amp``, ``train.amp_dtype``). Returns (metrics, cfg)."""
     from ioulab.detector.engine.amp import amp_policy
-    from ioulab.detector.engine.datasets import build_dataset
+    from ioulab.detector.data.datasets import build_dataset
 
     model, cfg, info, dev = load_trained(checkpoint_path, overrides)
     val_set = build_dataset(cfg.data, "val")

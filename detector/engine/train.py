@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from ioulab.detector import config as C
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine.amp import amp_policy
-from ioulab.detector.engine.datasets import build_datasets
+from ioulab.detector.data.datasets import build_datasets
 from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model
 from ioulab.detector.engine.events import NullLogger, RunLogger
 from ioulab.detector.data.loader import InfiniteLoader

@@ -18,7 +18,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
 from ioulab.detector import losses, nms
-from ioulab.detector.config import BoxLossConfig, InferenceConfig, ModelConfig, validate_backbone
+from ioulab.detector.config import BoxLossConfig, InferenceConfig, ModelConfig, mode_needs_iou_head, validate_backbone
 from ioulab.detector.model.backbone import resolve_imagenet_weights, resnet_fpn, tiny_fpn_backbone
 from ioulab.detector.model.detector import Detector
 from ioulab.detector.model.iou_head import IOU_LOSSES, IoUHead
@@ -116,10 +116,11 @@ def build_iou_predictor(cfg: ModelConfig, channels: int, num_classes: int) -> Io
                         IOU_LOSSES[h.loss], generator)
 
 
-def build_postprocess_for(inference: InferenceConfig):
-    r = inference.refine
-    return build_postprocess(inference.mode, inference.iou_nms.rank, inference.iou_nms.iou_threshold,
-                             r.lam, r.steps, r.omega1, r.omega2, inference.iou_nms.boxes, r.impl)
+def require_iou_head(mode: str, has_iou_head: bool) -> None:
+    """Raise if inference ``mode`` cannot run on heads without an IoU head (the rule itself:
+    ``config.mode_needs_iou_head``; validated configs never get here)."""
+    if mode_needs_iou_head(mode) and not has_iou_head:
+        raise ValueError(f"inference.mode={mode} needs a model with an IoU head (model.iou_head.enabled=true)")
 
 
 def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
@@ -137,7 +138,7 @@ def build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int,
         score_thresh=inference.score_thresh, nms_thresh=inference.nms.iou_threshold,
         detections_per_img=inference.detections_per_img,
         box_loss=box_loss, nms=build_detection_nms(inference),
-        postprocess=build_postprocess_for(inference) if cfg.iou_head.enabled else None,
+        postprocess=build_postprocess(inference) if cfg.iou_head.enabled else None,
         iou_predictor=build_iou_predictor(cfg, channels, num_classes) if cfg.iou_head.enabled else None,
     )
     return heads
@@ -158,8 +159,7 @@ def build_model(cfg: ModelConfig, num_classes: int, inference: InferenceConfig |
     """Faster R-CNN for ``num_classes`` foreground classes (background is added).
     ``load_pretrained=False``: no ImageNet weights (for a model whose checkpoint is loaded next)."""
     inference = inference or InferenceConfig()
-    if inference.mode != "baseline" and not cfg.iou_head.enabled:
-        raise ValueError(f"inference.mode={inference.mode} needs model.iou_head.enabled=true")
+    require_iou_head(inference.mode, cfg.iou_head.enabled)
     backbone = build_backbone(cfg, load_pretrained)
     channels = backbone.out_channels
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
@@ -175,8 +175,6 @@ def configure_inference(model: Detector, inference: InferenceConfig) -> Detector
     heads.score_thresh = inference.score_thresh
     heads.detections_per_img = inference.detections_per_img
     heads.nms = build_detection_nms(inference)
-    if heads.iou_predictor is not None:
-        heads.postprocess = build_postprocess_for(inference)
-    elif inference.mode != "baseline":
-        raise ValueError(f"inference.mode={inference.mode} needs a model trained with an IoU head")
+    require_iou_head(inference.mode, heads.iou_predictor is not None)
+    heads.postprocess = build_postprocess(inference) if heads.iou_predictor is not None else None
     return model

@@ -4,8 +4,9 @@ Shape glossary: per image, M candidates (class-specific boxes above the score th
 D ≤ ``detections_per_img`` detections; all images of the batch are processed together wherever the
 work is batched (IoU prediction, refinement).
 
-Each mode is a callable ``(heads, candidates, features, image_shapes) -> detections`` chosen by
-the factory from ``inference.mode``; one trained checkpoint can be evaluated every way:
+Each mode is a callable ``(heads, candidates, features, image_shapes) -> detections`` built from
+the inference config by its class's ``from_config`` (:func:`build_postprocess` picks the class by
+``inference.mode`` from :data:`MODES`); one trained checkpoint can be evaluated every way:
 
     NMSPost               box head + NMS, IoU head unused               ("baseline")
     IoURegularNMSPost     IoU predicted for every candidate, then NMS    ("iou_regular_nms")
@@ -14,12 +15,11 @@ the factory from ``inference.mode``; one trained checkpoint can be evaluated eve
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torchvision.ops.poolers import _convert_to_roi_format
 
+from ioulab.detector.config import InferenceConfig
 from ioulab.detector.nms import batched_iou_guided_nms
 from ioulab.detector.model.refine import refine_boxes
 from ioulab.detector.model.refine_direct import DirectIoU, predict_grouped, refine_boxes_direct
@@ -51,16 +51,17 @@ def _predict_ious(heads, candidates: Candidates, features, image_shapes) -> list
 
 
 class NMSPost:
-    """Box head + ``heads.nms`` (greedy or DIoU-NMS)."""
+    """Box head + ``heads.nms`` (greedy or DIoU-NMS): the box head's own postprocessing
+    (``DetectionRoIHeads.nms_detections``)."""
 
     candidate_boxes = "per_class"  # how the heads build the candidates (DetectionRoIHeads.candidates)
 
+    @classmethod
+    def from_config(cls, inference: InferenceConfig) -> NMSPost:
+        return cls()  # heads.nms carries the NMS settings
+
     def __call__(self, heads, candidates: Candidates, features, image_shapes) -> list[dict[str, Tensor]]:
-        out = []
-        for boxes, scores, labels in candidates:
-            keep = heads.nms(boxes, scores, labels)[: heads.detections_per_img]
-            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return out
+        return heads.nms_detections(candidates)
 
 
 class IoURegularNMSPost(NMSPost):
@@ -79,6 +80,11 @@ class IoUNMSPost:
         self.rank = rank
         self.iou_threshold = iou_threshold
         self.candidate_boxes = candidate_boxes
+
+    @classmethod
+    def from_config(cls, inference: InferenceConfig) -> IoUNMSPost:
+        n = inference.iou_nms
+        return cls(n.rank, n.iou_threshold, n.boxes)
 
     def keep(self, heads, candidates, features, image_shapes) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per image (boxes, new scores, labels, predicted IoU) of the kept boxes, best first."""
@@ -105,6 +111,11 @@ class RefinePost:
         self.candidate_boxes = nms.candidate_boxes
         self.lam, self.steps, self.omega1, self.omega2 = lam, steps, omega1, omega2
         self.impl = impl
+
+    @classmethod
+    def from_config(cls, inference: InferenceConfig) -> RefinePost:
+        r = inference.refine
+        return cls(IoUNMSPost.from_config(inference), r.lam, r.steps, r.omega1, r.omega2, r.impl)
 
     def __call__(self, heads, candidates, features, image_shapes):
         kept = self.nms.keep(heads, candidates, features, image_shapes)
@@ -140,15 +151,12 @@ class RefinePost:
         return refine_boxes(boxes, predicted_iou, *args)
 
 
-def build_postprocess(mode: str, rank: str, iou_threshold: float, lam: float, steps: int,
-                      omega1: float, omega2: float, candidate_boxes: str = "per_class",
-                      refine_impl: str = "direct") -> Callable | None:
-    """The config edge's name → callable table for ``inference.mode``. ``candidate_boxes``
-    applies to the IoU-guided NMS modes only (iou_nms, refine)."""
-    iou_nms = IoUNMSPost(rank, iou_threshold, candidate_boxes)
-    return {
-        "baseline": NMSPost(),
-        "iou_regular_nms": IoURegularNMSPost(),
-        "iou_nms": iou_nms,
-        "refine": RefinePost(iou_nms, lam, steps, omega1, omega2, refine_impl),
-    }[mode]
+# ``inference.mode`` → the class of that mode (CHOICES["inference.mode"] names exactly these; a
+# test checks it). Every mode but baseline reads the IoU head: ``config.mode_needs_iou_head``.
+MODES = {"baseline": NMSPost, "iou_regular_nms": IoURegularNMSPost, "iou_nms": IoUNMSPost, "refine": RefinePost}
+
+
+def build_postprocess(inference: InferenceConfig):
+    """The callable of ``inference.mode``, built from the inference config (``inference.iou_nms``
+    applies to the IoU-guided NMS modes only: iou_nms, refine)."""
+    return MODES[inference.mode].from_config(inference)

@@ -192,10 +192,15 @@ class DetectionRoIHeads(RoIHeads):
                                proposals: list[Tensor], image_shapes: list[tuple[int, int]]):
         """torchvision's contract: lists (per image) of boxes Tensor[D, 4], scores Tensor[D],
         labels Tensor[D] after ``self.nms`` per class and the ``detections_per_img`` best."""
-        out_boxes, out_scores, out_labels = [], [], []
-        for boxes, scores, labels in self.candidates(class_logits, box_regression, proposals, image_shapes):
+        detections = self.nms_detections(self.candidates(class_logits, box_regression, proposals, image_shapes))
+        return ([d["boxes"] for d in detections], [d["scores"] for d in detections],
+                [d["labels"] for d in detections])
+
+    def nms_detections(self, candidates: list[tuple[Tensor, Tensor, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image, ``self.nms`` per class on the candidates (boxes Tensor[M, 4], scores Tensor[M],
+        labels Tensor[M]) and the ``detections_per_img`` best → {boxes [D,4], scores [D], labels [D]}."""
+        out = []
+        for boxes, scores, labels in candidates:
             keep = self.nms(boxes, scores, labels)[: self.detections_per_img]
-            out_boxes.append(boxes[keep])
-            out_scores.append(scores[keep])
-            out_labels.append(labels[keep])
-        return out_boxes, out_scores, out_labels
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return out

@@ -19,6 +19,7 @@ import numpy as np
 
 from ioulab.platform.bench.common import BenchResult
 from ioulab.platform.bench.timing import timed
+from ioulab.platform.smoke import add_smoke_test
 
 BOOTSTRAP_METRICS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
 FULL = {"images": 5000, "categories": 80, "resamples": 1000}   # COCO val2017-sized
@@ -26,13 +27,12 @@ SMOKE = {"images": 200, "categories": 10, "resamples": 100}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=None, help="default 5000 (--smoke: 200)")
-    p.add_argument("--categories", type=int, default=None, help="default 80 (--smoke: 10)")
+    p.add_argument("--images", type=int, default=None, help="default 5000 (--smoke-test: 200)")
+    p.add_argument("--categories", type=int, default=None, help="default 80 (--smoke-test: 10)")
     p.add_argument("--dets-per-image", type=int, default=100)
-    p.add_argument("--resamples", type=int, default=None, help="default 1000 (--smoke: 100)")
+    p.add_argument("--resamples", type=int, default=None, help="default 1000 (--smoke-test: 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="a small set (200 images, 10 categories, 100 resamples); "
-                   "explicit sizes win")
+    add_smoke_test(p, "200 images, 10 categories, 100 resamples; explicit sizes win", deprecated_smoke=True)
     p.add_argument("--skip-pycocotools", action="store_true",
                    help="do not time pycocotools (its full-size run takes minutes)")
 
@@ -110,7 +110,7 @@ def run(args) -> BenchResult:
     from ioulab.detector.engine import cocoeval
     from ioulab.detector.engine.bootstrap import paired_bootstrap
 
-    sizes = SMOKE if args.smoke else FULL
+    sizes = SMOKE if args.smoke_test else FULL
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -22,6 +22,7 @@ from torchvision.ops import batched_nms
 from ioulab.detector.nms import batched_diou_nms, batched_iou_guided_nms, diou_nms
 from ioulab.platform.bench.common import BenchResult
 from ioulab.platform.bench.timing import time_call
+from ioulab.platform.smoke import add_smoke_test
 
 TARGET_RATIO = 3.0
 
@@ -39,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads for the run (0: leave torch's default)")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="tiny sizes, 2 repeats: checks the command runs; times mean nothing")
+    add_smoke_test(parser, "200 boxes, 2 repeats")
 
 
 def synthetic_detections(num_boxes: int, num_classes: int, num_objects: int, image_size: float,

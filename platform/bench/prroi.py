@@ -21,6 +21,7 @@ from ioulab.detector.ops import prroi_pool
 from ioulab.detector.ops.prroi_pool import ensure_ops
 
 from .common import BenchResult
+from ioulab.platform.smoke import add_smoke_test
 from .timing import time_call
 
 
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    add_smoke_test(parser, "16 RoIs on an 8-channel 32x48 map, one repeat", deprecated_smoke=True)
 
 
 def make_rois(num: int, image_h: float, image_w: float, min_box: float, max_box: float,
@@ -63,7 +64,7 @@ def _grad_fn(pool, feature, rois, grad_out, with_rois):
 
 
 def run(args: argparse.Namespace) -> BenchResult:
-    if args.smoke:
+    if args.smoke_test:
         args.rois, args.channels, args.height, args.width, args.repeats, args.warmup = 16, 8, 32, 48, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ioulab.platform.bench.common import BenchResult
+from ioulab.platform.smoke import add_smoke_test
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
 
@@ -32,14 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="Tune storage (default: a temporary folder)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: a temporary SQLite file)")
     p.add_argument("--num-cpus", type=int, default=None)
+    add_smoke_test(p, "every trial at smoke sizes: synthetic data of 12 images, a tiny model, 4 iterations")
 
 
 def run(args) -> BenchResult:
     from ioulab.platform.sweep.driver import SweepOptions, run_sweep
-    from ioulab.platform.sweep.space import load_space
+    from ioulab.platform.sweep.command import load_plan
 
-    plan = load_space(args.space, args.overrides, profile=args.profile,
-                      name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    plan = load_plan(args.space, args.overrides, args.smoke_test, profile=args.profile,
+                     name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     tmp = Path(tempfile.mkdtemp(prefix="ioulab-bench-sweep-"))
     options = SweepOptions(address=args.address, storage=args.storage or str(tmp / "ray_results"),
                            tracking_uri=args.tracking_uri or f"sqlite:///{tmp / 'mlflow.db'}",

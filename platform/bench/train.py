@@ -13,6 +13,7 @@ import torch
 
 from ioulab.platform.bench.common import BenchResult
 from ioulab.platform.bench import timing
+from ioulab.platform.smoke import add_smoke_test, smoke_overrides
 
 # The ResNet-50 rows compare with torchvision's stock model built without weights (no download):
 # both from scratch, with trainable BatchNorm and every layer trained.
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r50-iters", type=int, default=3, help="timed iterations per ResNet-50 row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-r50", action="store_true", help="skip the two ResNet-50 rows")
+    add_smoke_test(p, "the config at smoke sizes, 2 timed iterations, no ResNet-50 rows")
 
 
 class _Stepper:
@@ -76,11 +78,13 @@ def run(args) -> BenchResult:
 
     from ioulab.detector import config as C
     from ioulab.detector.data.loader import InfiniteLoader
-    from ioulab.detector.engine.datasets import build_datasets
+    from ioulab.detector.data.datasets import build_datasets
     from ioulab.detector.engine.train import seed_everything
     from ioulab.detector.model import build_model
 
-    base = C.load_config(args.config, args.overrides)
+    if args.smoke_test:
+        args.iters, args.warmup, args.no_r50 = 2, 1, True
+    base = C.load_config(args.config, smoke_overrides(args))
     train_set, _ = build_datasets(base.data)
     k = train_set.num_classes
     batch = base.train.batch_size

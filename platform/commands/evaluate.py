@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ioulab.platform import mlflow_names
 from ioulab.platform.commands.train import add_tracking_arguments, open_run, print_errors, print_metrics
+from ioulab.platform.smoke import add_smoke_test, announce, smoke_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,19 +17,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/eval-<time>)")
     add_tracking_arguments(p)
     p.add_argument("--no-progress", action="store_true")
+    add_smoke_test(p, "the checkpoint's model on the 6 validation images of a tiny synthetic set")
 
 
 def run(args) -> int:
     from ioulab.detector import config as C
-    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine import checkpoint_file as ckpt_io
     from ioulab.detector.engine.amp import amp_policy
-    from ioulab.detector.engine.datasets import build_dataset
+    from ioulab.detector.data.datasets import build_dataset
     from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model, load_trained
 
     ckpt_io.check_file(args.checkpoint)  # a missing or broken file fails before any MLflow run
-    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    announce(args, "ioulab eval")
+    kind = "eval-smoke-test" if args.smoke_test else "eval"
+    out = Path(args.out or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     # Checkpoint, config (the same checks as train) and data first: a failure creates no MLflow run.
-    model, cfg, info, device = load_trained(args.checkpoint, args.overrides)
+    model, cfg, info, device = load_trained(args.checkpoint, smoke_overrides(args, data_only=True))
     val_set = build_dataset(cfg.data, "val")
     tracker = open_run(args, out.name, out,
                        mlflow_names.command_tags("eval", checkpoint=str(Path(args.checkpoint).resolve())))

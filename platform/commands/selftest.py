@@ -195,7 +195,7 @@ def _tiny_dataset(workdir: Path) -> Path:
 
 
 def _newest_checkpoint(out: Path) -> Path | None:
-    from ioulab.detector.engine.checkpoint import latest_checkpoint
+    from ioulab.detector.engine.checkpoint_file import latest_checkpoint
 
     return latest_checkpoint(out / "checkpoints")
 

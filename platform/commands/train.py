@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ioulab.detector import config as C
 from ioulab.platform import mlflow_names
+from ioulab.platform.smoke import add_smoke_test, announce, smoke_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
     add_tracking_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_smoke_test(p, "synthetic data of 12 images, a tiny model of the config's kind, 4 iterations")
 
 
 def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,14 +110,16 @@ def trained_line(result, wall: float) -> str:
 
 
 def run(args) -> int:
-    from ioulab.detector.engine.datasets import absolutize
+    from ioulab.detector.data.datasets import absolutize
     from ioulab.detector.engine.train import resume_point, train
     from ioulab.detector.model.build import pretrained_weights
 
-    cfg = C.load_config(args.config, args.overrides)  # every key range-checked (ConfigError)
+    announce(args, "ioulab train")
+    cfg = C.load_config(args.config, smoke_overrides(args))  # every key range-checked (ConfigError)
     pretrained_weights(cfg.model)  # ImageNet weights missing: one line now, before data or MLflow
     absolutize(cfg.data)
-    out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    kind = "train-smoke-test" if args.smoke_test else "train"
+    out = Path(args.out or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     resume_point(cfg, out, args.resume)  # a run that cannot start fails before any MLflow run
     tags = mlflow_names.command_tags("train", run_dir=str(out), config=str(args.config or C.DEFAULT_PRESET))
     # The trainer validates both data splits (and a resumed checkpoint) before its first record.

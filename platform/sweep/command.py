@@ -15,7 +15,8 @@ import sys
 import time
 
 from ioulab.platform.mlflow_names import TRACKING_URI_HELP
-from ioulab.platform.sweep.space import SpaceError, describe, load_space
+from ioulab.platform.smoke import SMOKE_OVERRIDES, add_smoke_test, announce
+from ioulab.platform.sweep.space import Plan, SpaceError, describe, load_space
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "detected autoscalers need no flag): trials wait for the nodes")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the outcome as JSON")
     p.add_argument("--quiet", action="store_true", help="no Tune status table")
+    add_smoke_test(p, "every trial at smoke sizes: synthetic data of 12 images, a tiny model, 4 iterations; "
+                      "the sweep's name ends in -smoke-test")
+
+
+def load_plan(space: str, overrides: list[str], smoke_test: bool = False, **options) -> Plan:
+    """:func:`load_space`; with ``smoke_test``, every key the file does not vary at smoke sizes
+    (``--set`` still wins) and ``-smoke-test`` appended to the sweep's name."""
+    plan = load_space(space, overrides, **options)
+    if not smoke_test:
+        return plan
+    varied = {key for point in (*plan.train_points, *plan.eval_points) for key in point.overrides}
+    smoke = [o for o in SMOKE_OVERRIDES if o.split("=", 1)[0] not in varied]
+    plan = load_space(space, [*smoke, *overrides], **options)
+    plan.name = f"{plan.name}-smoke-test"
+    return plan
 
 
 def check_backbone_weights(plan) -> None:
@@ -60,14 +76,15 @@ def check_backbone_weights(plan) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    announce(args, "ioulab sweep")
     try:
-        plan = load_space(args.space, args.overrides, profile=args.profile, name=args.name,
-                          checkpoint=args.checkpoint)
+        plan = load_plan(args.space, args.overrides, args.smoke_test, profile=args.profile, name=args.name,
+                         checkpoint=args.checkpoint)
         checkpoint_ref = None
         if plan.checkpoint is not None:
             import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings
             from ioulab.platform.mlflow_names import resolve_tracking_uri
-            from ioulab.platform.sweep.checkpoints import check_checkpoint, resolve_checkpoint
+            from ioulab.platform.sweep.checkpoint_source import check_checkpoint, resolve_checkpoint
 
             uri = resolve_tracking_uri(args.tracking_uri)
             checkpoint_ref = resolve_checkpoint(plan.checkpoint, plan.space_file, uri)

@@ -26,12 +26,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
 from ioulab.detector import config as C
 from ioulab.detector.errors import UserError
 from ioulab.platform import mlflow_names
+from ioulab.platform.sweep import storage
 from ioulab.platform.sweep.codecheck import CodeMismatchError, check_working_dir, code_identity
 from ioulab.platform.sweep.space import METRICS, Plan
 
@@ -50,7 +52,7 @@ class SweepOptions:
     tracking_uri: str | None = None    # default $MLFLOW_TRACKING_URI, else sqlite in the cwd
     experiment: str = "ioulab"
     resume: bool = False
-    checkpoint_ref: str | None = None  # plan.checkpoint resolved (checkpoints.resolve_checkpoint)
+    checkpoint_ref: str | None = None  # plan.checkpoint resolved (checkpoint_source.resolve_checkpoint)
     mlflow_wait: float = 120.0         # seconds the driver keeps retrying MLflow at the end
     verbose: int = 1
     num_cpus: int | None = None        # embedded Ray only
@@ -97,44 +99,8 @@ class SweepOutcome:
 
 
 # ----------------------------------------------------------------------------------------------
-# Storage (a local path or a URI that pyarrow understands)
+# Storage and tracking settings
 # ----------------------------------------------------------------------------------------------
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if _is_uri(root) else str(Path(root, *parts))
-
-
-def _read_text(path: str) -> str | None:
-    if not _is_uri(path):
-        p = Path(path)
-        return p.read_text() if p.is_file() else None
-    import pyarrow.fs
-
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
-    if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(fs_path) as f:
-        return f.read().decode()
-
-
-def _write_text(path: str, text: str) -> None:
-    if not _is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return
-    import pyarrow.fs
-
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
-    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(fs_path) as f:
-        f.write(text.encode())
-
-
 def cluster_mode(options: SweepOptions) -> bool:
     """True when the sweep runs on an existing cluster (``--address`` or ``$RAY_ADDRESS``)."""
     address = options.address or os.environ.get("RAY_ADDRESS")
@@ -147,7 +113,7 @@ def storage_root(options: SweepOptions) -> str:
             raise SweepError("--storage is required on a cluster: an absolute path every node shares "
                              "(NFS) or a URI (s3://..., gs://...); a head-local folder is not enough")
         return str(Path("ray_results").resolve())
-    if _is_uri(options.storage):
+    if storage.is_uri(options.storage):
         return options.storage.rstrip("/")
     path = Path(options.storage).expanduser()
     if cluster_mode(options) and not path.is_absolute():
@@ -241,7 +207,7 @@ def _progress_callback():
 def _prepare_configs(plan: Plan, local: bool) -> None:
     """Data paths absolute (trials run in their own working folders); on one machine, generate
     the synthetic dataset once here rather than in every trial."""
-    from ioulab.detector.engine.datasets import absolutize, resolve_paths
+    from ioulab.detector.data.datasets import absolutize, resolve_paths
 
     cfg = C.from_dict(plan.train_config, source=f"{plan.space_file} (plan)")
     absolutize(cfg.data)
@@ -257,15 +223,15 @@ def _prepare_configs(plan: Plan, local: bool) -> None:
 
 
 def _state(root: str, plan: Plan, options: SweepOptions) -> dict:
-    path = _join(root, "sweep.json")
-    text = _read_text(path)
+    path = storage.join(root, "sweep.json")
+    text = storage.read_text(path)
     if text is None:
         if options.resume:
             print(f"[ioulab] --resume: no sweep {plan.name} in {root} yet; starting it", flush=True)
         state = {"sweep_id": uuid.uuid4().hex, "name": plan.name, "space_file": str(Path(plan.space_file).resolve()),
                  "profile": plan.profile, "fingerprint": plan.fingerprint(), "parent_run_id": None,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_text(path, json.dumps(state, indent=2))
+        storage.write_text(path, json.dumps(state, indent=2))
         return state
     state = json.loads(text)
     if not options.resume:
@@ -358,7 +324,7 @@ def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
     space = Path(plan.space_file).resolve()
     commit = git_commit(space.parent, Path.cwd(), Path(__file__).resolve().parent)
     tags = mlflow_names.sweep_tags(plan, root, commit)
-    spool = Path(root, "mlflow_spool", "parent.jsonl") if not _is_uri(root) else None
+    spool = Path(root, "mlflow_spool", "parent.jsonl") if not storage.is_uri(root) else None
     parent = MlflowRun(uri, experiment, run_name=plan.name, tags=tags, spool=spool,
                        find_tags=mlflow_names.sweep_key(state["sweep_id"]))
     if parent.reattached and plan.paper is not None:  # --resume: the space file's numbers as they are now
@@ -372,8 +338,8 @@ def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
 
 def _context(plan: Plan, state: dict, uri: str, experiment: str, root: str, stage: str, parent_id) -> dict:
     return {"sweep": plan.name, "sweep_id": state["sweep_id"], "experiment": experiment,
-            "tracking_uri": uri, "parent_run_id": parent_id, "stage": stage, "stage_dir": _join(root, stage),
-            "spool_dir": None if _is_uri(root) else _join(root, "mlflow_spool"),
+            "tracking_uri": uri, "parent_run_id": parent_id, "stage": stage, "stage_dir": storage.join(root, stage),
+            "spool_dir": None if storage.is_uri(root) else storage.join(root, "mlflow_spool"),
             "config": plan.train_config, "eval_overrides": plan.eval_overrides}
 
 
@@ -390,7 +356,7 @@ def _run_stage(stage: str, trainable, points: list[dict], ctx: dict, plan: Plan,
                              settings.resources.as_tune())
     names = {point_name(stage, p): p for p in points}
     ctx = {**ctx, "points": names}
-    path = _join(root, stage)
+    path = storage.join(root, stage)
     if resume and tune.Tuner.can_restore(path):
         print(f"[ioulab] restoring the {stage} stage from {path}", flush=True)
         tuner = tune.Tuner.restore(path, fn, resume_errored=True)
@@ -438,7 +404,7 @@ def _checkpoint_ref(checkpoint, root: str) -> tuple[str | None, list]:
             pending = json.loads(f.read().decode() or "[]")
     if not models:
         return None, pending
-    if _is_uri(root):
+    if storage.is_uri(root):
         scheme = root.split("://", 1)[0]
         return f"{scheme}://{models[-1]}", pending
     return models[-1], pending
@@ -489,101 +455,147 @@ def _train_run_ids(uri: str, experiment: str, sweep_id: str) -> dict[str, str]:
         return {}
 
 
-def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> SweepOutcome:
-    """Run (or ``options.resume``) the sweep of ``plan``; blocks until every trial has ended."""
-    t_start = time.perf_counter()
-    root_parent = storage_root(options)
+def _preflight(plan: Plan, options: SweepOptions) -> str:
+    """The checks that need neither Ray nor MLflow (storage, tracking URI on a cluster, the code a
+    job shipped); returns the sweep's folder ``<storage>/<sweep name>``."""
+    root = storage.join(storage_root(options), plan.name)
     check_tracking_uri(options)
-    root = _join(root_parent, plan.name)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # ASHA: not every report has AP
     try:
         check_working_dir(Path.cwd())  # ray job submit --working-dir: is the shipped code the imported one?
     except CodeMismatchError as exc:
         raise SweepError(str(exc)) from None
+    return root
 
-    def prepare() -> str:
-        # While Ray starts (seconds each): data paths (and synthetic data), the MLflow import and
-        # store, the trainables' imports (torch, Tune).
-        _prepare_configs(plan, local=not cluster_mode(options))
-        uri = tracking_uri(options)
-        import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings, before any client
-        try:
-            from mlflow.tracking import MlflowClient
 
-            MlflowClient(uri).get_experiment_by_name(options.experiment)  # creates an SQLite store
-        except Exception:  # noqa: BLE001 - unreachable now: the runs are buffered later
-            pass
-        import ioulab.platform.sweep.trainable  # noqa: F401 - paid here, used after ray.init
-        return uri
+def _prepare(plan: Plan, options: SweepOptions) -> str:
+    """What runs while Ray starts (seconds each): data paths (and synthetic data), the MLflow import
+    and store, the trainables' imports (torch, Tune). Returns the tracking URI."""
+    _prepare_configs(plan, local=not cluster_mode(options))
+    uri = tracking_uri(options)
+    import ioulab.platform.tracking  # noqa: F401 - MLflow's fail-fast request settings, before any client
+    try:
+        from mlflow.tracking import MlflowClient
 
+        MlflowClient(uri).get_experiment_by_name(options.experiment)  # creates an SQLite store
+    except Exception:  # noqa: BLE001 - unreachable now: the runs are buffered later
+        pass
+    import ioulab.platform.sweep.trainable  # noqa: F401 - paid here, used after ray.init
+    return uri
+
+
+def _start(plan: Plan, options: SweepOptions):
+    """Start Ray while :func:`_prepare` runs in a thread; (True if this call started Ray, the
+    future of the tracking URI)."""
     with ThreadPoolExecutor(1) as pool:
-        preparing = pool.submit(prepare)
+        preparing = pool.submit(_prepare, plan, options)
         try:
             owns_ray = _init_ray(options)
         finally:
             preparing.exception()  # never leave it running
+    return owns_ray, preparing
+
+
+def _open_sweep(plan: Plan, options: SweepOptions, root: str, uri: str):
+    """Check the cluster can hold the trials, read or create ``sweep.json`` and open the parent
+    MLflow run (its id stored in ``sweep.json``); returns (state, parent run)."""
+    _check_resources(plan, options.allow_pending)
+    state = _state(root, plan, options)
+    parent = _open_parent(plan, state, uri, options.experiment, root)
+    if parent.run_id and state.get("parent_run_id") != parent.run_id:
+        state["parent_run_id"] = parent.run_id
+        storage.write_text(storage.join(root, "sweep.json"), json.dumps(state, indent=2))
+    print(f"[ioulab] sweep {plan.name}: {len(plan.train_points)} training + {len(plan.eval_points)} "
+          f"evaluation trials; Tune storage {root}; MLflow {uri} (experiment {options.experiment}, "
+          f"parent run {parent.run_id or 'pending'})", flush=True)
+    return state, parent
+
+
+def _trial_values(plan: Plan, stage: str, point: dict) -> dict:
+    """The sweep's varying keys → the values of this trial (an evaluation adds its model's)."""
+    overrides = dict(point["overrides"])
+    if stage == "eval" and point.get("train_index") is not None:
+        overrides = {**plan.train_points[point["train_index"]].overrides, **overrides}
+    full = C.from_dict(plan.train_config)
+    C.apply_overrides(full, overrides, source="plan")
+    flat = C.flatten(full)
+    return {k: flat[k] for k in plan.varying_keys}
+
+
+def _eval_items(plan: Plan, records: list[TrialRecord], train_runs: dict[str, str],
+                checkpoint_ref: str | None) -> list[dict]:
+    """The evaluation points with the checkpoint each evaluates; points whose model did not
+    finish training are left out."""
+    by_index = {r.index: r for r in records if r.stage == "train"}
+    points = []
+    for p in plan.eval_points:
+        item = p.to_json()
+        if p.train_index is None:
+            item["checkpoint"] = checkpoint_ref or plan.checkpoint
+        else:
+            trained = by_index[p.train_index]
+            if trained.checkpoint is None or trained.status != "FINISHED":
+                continue  # its model did not finish training: reported by the caller
+            item |= {"checkpoint": trained.checkpoint, "train_trial_id": trained.trial_id,
+                     "train_run_id": train_runs.get(trained.trial_id)}
+        points.append(item)
+    return points
+
+
+def _run_stages(plan: Plan, options: SweepOptions, state: dict, uri: str, root: str,
+                callbacks: Iterable) -> tuple[list[TrialRecord], dict[str, float]]:
+    """The training stage, then the evaluation stage of the trained (or given) models; returns
+    every trial's record and the seconds of each stage's ``Tuner.fit``."""
+    from ioulab.platform.sweep import trainable
+
+    values_of = partial(_trial_values, plan)
+    context = partial(_context, plan, state, uri, options.experiment, root, parent_id=state.get("parent_run_id"))
+    stage = partial(_run_stage, plan=plan, root=root, resume=options.resume, callbacks=callbacks,
+                    verbose=options.verbose)
+    records: list[TrialRecord] = []
+    seconds: dict[str, float] = {}
+    if plan.train_points:
+        grid, seconds["train"] = stage("train", trainable.train_trial, [p.to_json() for p in plan.train_points],
+                                       context("train"))
+        records += _records("train", grid, plan, root, values_of)
+    if plan.eval_points:
+        train_runs = _train_run_ids(uri, options.experiment, state["sweep_id"])
+        points = _eval_items(plan, records, train_runs, options.checkpoint_ref)
+        if points:
+            grid, seconds["eval"] = stage("eval", trainable.eval_trial, points, context("eval"))
+            records += _records("eval", grid, plan, root, values_of)
+        skipped = len(plan.eval_points) - len(points)
+        if skipped:
+            print(f"[ioulab] {skipped} evaluations skipped: their training did not finish", file=sys.stderr)
+    return records, seconds
+
+
+def _raise_code_mismatch(records: list[TrialRecord]) -> None:
+    """A trial that met other ioulab code on its node fails the sweep with that trial's message."""
+    mismatch = next((r.error for r in records if (r.error or "").startswith("CodeMismatchError: ")), None)
+    if mismatch:
+        raise SweepError(mismatch.removeprefix("CodeMismatchError: "))
+
+
+def run_sweep(plan: Plan, options: SweepOptions, callbacks: Iterable = ()) -> SweepOutcome:
+    """Run (or ``options.resume``) the sweep of ``plan``; blocks until every trial has ended.
+
+    preflight → start Ray (preparing data and MLflow meanwhile) → open the sweep → run the
+    stages → finalize (MLflow child runs, summary) → stop the Ray this call started."""
+    t_start = time.perf_counter()
+    root = _preflight(plan, options)
+    owns_ray, preparing = _start(plan, options)
     try:
         uri = preparing.result()
-        _check_resources(plan, options.allow_pending)
-        state = _state(root, plan, options)
-        parent = _open_parent(plan, state, uri, options.experiment, root)
-        if parent.run_id and state.get("parent_run_id") != parent.run_id:
-            state["parent_run_id"] = parent.run_id
-            _write_text(_join(root, "sweep.json"), json.dumps(state, indent=2))
-        from ioulab.platform.sweep import trainable
-        print(f"[ioulab] sweep {plan.name}: {len(plan.train_points)} training + {len(plan.eval_points)} "
-              f"evaluation trials; Tune storage {root}; MLflow {uri} (experiment {options.experiment}, "
-              f"parent run {parent.run_id or 'pending'})", flush=True)
-
-        def values_of(stage: str, point: dict) -> dict:
-            overrides = dict(point["overrides"])
-            if stage == "eval" and point.get("train_index") is not None:
-                overrides = {**plan.train_points[point["train_index"]].overrides, **overrides}
-            full = C.from_dict(plan.train_config)
-            C.apply_overrides(full, overrides, source="plan")
-            flat = C.flatten(full)
-            return {k: flat[k] for k in plan.varying_keys}
-
-        records: list[TrialRecord] = []
-        seconds: dict[str, float] = {}
+        state, parent = _open_sweep(plan, options, root, uri)
         setup_seconds = time.perf_counter() - t_start
-        if plan.train_points:
-            ctx = _context(plan, state, uri, options.experiment, root, "train", state.get("parent_run_id"))
-            grid, seconds["train"] = _run_stage("train", trainable.train_trial,
-                                                [p.to_json() for p in plan.train_points],
-                                                ctx, plan, root, options.resume, callbacks, options.verbose)
-            records += _records("train", grid, plan, root, values_of)
-        if plan.eval_points:
-            by_index = {r.index: r for r in records if r.stage == "train"}
-            train_runs = _train_run_ids(uri, options.experiment, state["sweep_id"])
-            points = []
-            for p in plan.eval_points:
-                item = p.to_json()
-                if p.train_index is None:
-                    item["checkpoint"] = options.checkpoint_ref or plan.checkpoint
-                else:
-                    trained = by_index[p.train_index]
-                    if trained.checkpoint is None or trained.status != "FINISHED":
-                        continue  # its model did not finish training: reported below
-                    item |= {"checkpoint": trained.checkpoint, "train_trial_id": trained.trial_id,
-                             "train_run_id": train_runs.get(trained.trial_id)}
-                points.append(item)
-            if points:
-                ctx = _context(plan, state, uri, options.experiment, root, "eval", state.get("parent_run_id"))
-                grid, seconds["eval"] = _run_stage("eval", trainable.eval_trial, points, ctx, plan, root,
-                                                   options.resume, callbacks, options.verbose)
-                records += _records("eval", grid, plan, root, values_of)
-            skipped = len(plan.eval_points) - len(points)
-            if skipped:
-                print(f"[ioulab] {skipped} evaluations skipped: their training did not finish", file=sys.stderr)
-        from ioulab.platform.sweep.finalize import finalize
+        records, seconds = _run_stages(plan, options, state, uri, root, callbacks)
+        from ioulab.platform.sweep.finalize import finalize  # imports MLflow: after Ray has started
 
         t_final = time.perf_counter()
         best, complete = finalize(plan, state, records, parent, uri, options.experiment, root, options.mlflow_wait)
         t_final = time.perf_counter() - t_final
-        mismatch = next((r.error for r in records if (r.error or "").startswith("CodeMismatchError: ")), None)
-        if mismatch:
-            raise SweepError(mismatch.removeprefix("CodeMismatchError: "))
+        _raise_code_mismatch(records)
     finally:
         if owns_ray:
             import ray

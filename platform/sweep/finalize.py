@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from ioulab.detector import config as C
-from ioulab.platform.sweep import cost
-from ioulab.platform.sweep.driver import (STATUS_TO_MLFLOW, TrialRecord, _is_uri, _join, _write_text,
-                                          summary_markdown)
+from ioulab.platform.sweep import cost, storage
+from ioulab.platform.sweep.driver import STATUS_TO_MLFLOW, TrialRecord, summary_markdown
 from ioulab.platform.sweep.space import Plan
 from ioulab.platform import mlflow_names
 from ioulab.platform.tracking import MlflowRun, SpoolError, replay_file
@@ -44,7 +43,7 @@ def _replay_spools(root: str, uri: str, deadline: float) -> bool:
     """Replay ``<root>/mlflow_spool/*.jsonl`` to ``uri`` only, uploading only files under ``root``:
     anyone who can write the storage can write a spool file, so a file naming another server or
     outside files is refused (reported, left in place) instead of obeyed."""
-    if _is_uri(root):
+    if storage.is_uri(root):
         return True
     folder = Path(root, "mlflow_spool")
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
@@ -80,57 +79,75 @@ def _trial_params(plan: Plan, record: TrialRecord) -> dict:
     return mlflow_names.config_params(cfg)
 
 
-def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: str | None, uri: str,
-               experiment: str, deadline: float) -> bool:
-    """One pass; raises if MLflow cannot be read (the caller retries)."""
+def _trial_runs(uri: str, experiment: str, sweep_id: str) -> dict[str, list]:
+    """Trial id → the sweep's MLflow child runs of that trial, oldest first (raises if MLflow
+    cannot be read)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = []
     if exp is not None:
-        where = mlflow_names.tag_filter({mlflow_names.SWEEP_ID: state["sweep_id"],
-                                         mlflow_names.ROLE: mlflow_names.ROLE_TRIAL})
+        where = mlflow_names.tag_filter({mlflow_names.SWEEP_ID: sweep_id, mlflow_names.ROLE: mlflow_names.ROLE_TRIAL})
         runs = client.search_runs([exp.experiment_id], filter_string=where, max_results=50000,
                                   order_by=["attributes.start_time ASC"])
     by_trial: dict[str, list] = {}
     for run in runs:
         by_trial.setdefault(run.data.tags.get(mlflow_names.TRIAL_ID, ""), []).append(run)
-    writers: list[tuple[MlflowRun, TrialRecord, dict[str, str], str | None]] = []
-    for rec in records:
-        found = by_trial.get(rec.trial_id, [])
-        if len(found) > 1:
-            print(f"[ioulab] warning: trial {rec.trial_id} has {len(found)} MLflow runs "
-                  f"({', '.join(r.info.run_id for r in found)}); using the first", file=sys.stderr)
-        if found:
-            run = found[0]
-            rec.run_id = run.info.run_id
-            tags, status = run.data.tags, run.info.status
-            writer = MlflowRun(uri, experiment, run_id=rec.run_id, connect=False)
-        else:  # the trial never reached MLflow (e.g. it failed while the server was down)
-            tags, status = {}, None
-            writer = MlflowRun(uri, experiment, run_name=f"{rec.stage}-{rec.index:03d} {rec.label}",
-                               tags=mlflow_names.trial_tags(plan.name, rec.stage, label=rec.label,
-                                                            index=rec.index),
-                               find_tags=mlflow_names.trial_key(state["sweep_id"], rec.trial_id))
-            rec.run_id = writer.run_id
-            writer.log_params(_trial_params(plan, rec))
-            if rec.metrics:
-                writer.log_metrics(rec.metrics, 0)
-        if rec.pending:
-            writer.requeue(rec.pending)
-        writer.log_metrics(cost.record_cost(plan, rec), 0)
-        writers.append((writer, rec, tags, status))
+    return by_trial
+
+
+def _trial_writer(plan: Plan, state: dict, rec: TrialRecord, found: list, uri: str,
+                  experiment: str) -> tuple[MlflowRun, dict[str, str], str | None]:
+    """The trial's run to write to (the first of ``found``, else a new one with its params and
+    last metrics: the trial never reached MLflow) with the records its checkpoint held requeued;
+    returns (writer, the run's tags now, its status now)."""
+    if len(found) > 1:
+        print(f"[ioulab] warning: trial {rec.trial_id} has {len(found)} MLflow runs "
+              f"({', '.join(r.info.run_id for r in found)}); using the first", file=sys.stderr)
+    if found:
+        run = found[0]
+        rec.run_id = run.info.run_id
+        tags, status = run.data.tags, run.info.status
+        writer = MlflowRun(uri, experiment, run_id=rec.run_id, connect=False)
+    else:  # the trial never reached MLflow (e.g. it failed while the server was down)
+        tags, status = {}, None
+        writer = MlflowRun(uri, experiment, run_name=f"{rec.stage}-{rec.index:03d} {rec.label}",
+                           tags=mlflow_names.trial_tags(plan.name, rec.stage, label=rec.label, index=rec.index),
+                           find_tags=mlflow_names.trial_key(state["sweep_id"], rec.trial_id))
+        rec.run_id = writer.run_id
+        writer.log_params(_trial_params(plan, rec))
+        if rec.metrics:
+            writer.log_metrics(rec.metrics, 0)
+    if rec.pending:
+        writer.requeue(rec.pending)
+    writer.log_metrics(cost.record_cost(plan, rec), 0)
+    return writer, tags, status
+
+
+def _final_tags(plan: Plan, rec: TrialRecord, parent_id: str | None, train_runs: dict[str, str]) -> dict[str, str]:
+    """The tags a trial's run ends with: status, parent, checkpoint, training run, nodes."""
+    want = mlflow_names.trial_tags(plan.name, rec.stage, status=rec.status, parent_run_id=parent_id)
+    if rec.checkpoint:
+        want[mlflow_names.CHECKPOINT] = rec.checkpoint
+    if rec.stage == "eval" and rec.train_trial_id and train_runs.get(rec.train_trial_id):
+        want[mlflow_names.TRAIN_RUN_ID] = train_runs[rec.train_trial_id]
+    if rec.node_ids:
+        want[mlflow_names.NODE_IDS] = json.dumps(rec.node_ids)
+    return want
+
+
+def _reconcile(plan: Plan, state: dict, records: list[TrialRecord], parent_id: str | None, uri: str,
+               experiment: str, deadline: float) -> bool:
+    """One pass: every trial gets exactly one run with its final tags and status; raises if MLflow
+    cannot be read (the caller retries). True when everything was delivered."""
+    by_trial = _trial_runs(uri, experiment, state["sweep_id"])
+    writers = [(rec, *_trial_writer(plan, state, rec, by_trial.get(rec.trial_id, []), uri, experiment))
+               for rec in records]
     train_runs = {r.trial_id: r.run_id for r in records if r.stage == "train"}
     complete = True
-    for writer, rec, tags, status in writers:
-        want = mlflow_names.trial_tags(plan.name, rec.stage, status=rec.status, parent_run_id=parent_id)
-        if rec.checkpoint:
-            want[mlflow_names.CHECKPOINT] = rec.checkpoint
-        if rec.stage == "eval" and rec.train_trial_id and train_runs.get(rec.train_trial_id):
-            want[mlflow_names.TRAIN_RUN_ID] = train_runs[rec.train_trial_id]
-        if rec.node_ids:
-            want[mlflow_names.NODE_IDS] = json.dumps(rec.node_ids)
+    for rec, writer, tags, status in writers:
+        want = _final_tags(plan, rec, parent_id, train_runs)
         # After replayed records (which may carry older tags), the final word on every tag.
         changed = want if rec.pending else {k: v for k, v in want.items() if tags.get(k) != v}
         if changed:
@@ -169,14 +186,14 @@ def finalize(plan: Plan, state: dict, records: list[TrialRecord], parent: Mlflow
                            "run_id": t.run_id, "status": t.status, "values": t.values, "metrics": t.metrics,
                            "node_ids": t.node_ids, "seconds": t.seconds, "checkpoint": t.checkpoint,
                            "train_trial_id": t.train_trial_id, "error": t.error} for t in records]}
-    folder = Path(root) if not _is_uri(root) else Path(tempfile.mkdtemp(prefix="ioulab-summary-"))
+    folder = Path(root) if not storage.is_uri(root) else Path(tempfile.mkdtemp(prefix="ioulab-summary-"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (folder / "summary.md").write_text(summary_markdown(plan, records, best))
     (folder / "space.yaml").write_text(plan.source_text)
-    if _is_uri(root):
+    if storage.is_uri(root):
         for name in ("summary.json", "summary.md"):
-            _write_text(_join(root, name), (folder / name).read_text())
+            storage.write_text(storage.join(root, name), (folder / name).read_text())
 
     for name in ("summary.md", "summary.json", "space.yaml"):
         parent.log_artifact(folder / name)

@@ -410,13 +410,8 @@ def _paper(raw: Any, where: str, cfg: C.Config, flats: list[dict], varying: list
     return paper
 
 
-def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = (),
-               profile: str | None = None, name: str | None = None, checkpoint: str | None = None) -> Plan:
-    """Read and validate a space file; return its plan. Raises :class:`SpaceError`.
-
-    ``checkpoint`` (``--checkpoint``) replaces the file's ``checkpoint:`` and its training stage:
-    the sweep then evaluates that checkpoint only."""
-    path = Path(path)
+def _read(path: Path) -> tuple[str, dict]:
+    """Parse: the file's text and its top-level mapping, every key a known one."""
     where = str(path)
     if not path.is_file():
         raise SpaceError(f"{where}: no such space file")
@@ -429,13 +424,20 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         raise SpaceError(f"{where}: expected a mapping at the top level")
     data = dict(raw)
     _check_keys(data, TOP_KEYS, where)
-    data, chosen = _merge_profile(data, profile, where)
-    if checkpoint is not None:
-        data["checkpoint"] = checkpoint
-        if isinstance(data.get("train"), Mapping):
-            data["train"] = {k: v for k, v in data["train"].items() if k != "set"}
+    return text, data
 
-    # -- the fixed config: base + set + --set ---------------------------------------------------
+
+def _given_checkpoint(data: dict, checkpoint: str) -> dict:
+    """``--checkpoint``: replaces the file's ``checkpoint:`` and drops its training ``set``."""
+    data = {**data, "checkpoint": checkpoint}
+    if isinstance(data.get("train"), Mapping):
+        data["train"] = {k: v for k, v in data["train"].items() if k != "set"}
+    return data
+
+
+def _base_config(data: dict, path: Path) -> C.Config:
+    """The config named by ``base:``: a preset, or a config YAML next to the space file."""
+    where = str(path)
     base = data.get("base", C.DEFAULT_PRESET)
     if not isinstance(base, str):
         raise SpaceError(f"{where}: base must be a preset name or a YAML path, got {base!r}")
@@ -446,21 +448,24 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
                              f"nor a file next to the space file")
         base = str(candidate.resolve())
     try:
-        cfg = C.load_config(base)
+        return C.load_config(base)
     except C.ConfigError as exc:
         raise SpaceError(f"{where}: base: {exc}") from None
-    fixed = _overrides(data.get("set"), f"{where}: set")
-    _apply(cfg, fixed, f"{where} (set)")
-    if isinstance(cli_overrides, Mapping):
-        cli = dict(cli_overrides)
-    else:
-        try:
-            cli = dict(C.parse_override(o) for o in cli_overrides)
-        except C.ConfigError as exc:
-            raise SpaceError(str(exc)) from None
-    _apply(cfg, cli, "--set")
 
-    # -- stages ----------------------------------------------------------------------------------
+
+def _cli(cli_overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` (strings, parsed as ``ioulab train`` parses them) or a ready mapping."""
+    if isinstance(cli_overrides, Mapping):
+        return dict(cli_overrides)
+    try:
+        return dict(C.parse_override(o) for o in cli_overrides)
+    except C.ConfigError as exc:
+        raise SpaceError(str(exc)) from None
+
+
+def _stages(data: dict, where: str) -> tuple[dict[str, StageSettings], dict[str, Any]]:
+    """Resources and concurrency of each stage (the stage's own, else the file's) and the
+    training stage's ``set`` (no inference keys: evaluations apply those)."""
     resources = _resources(data.get("resources"), f"{where}: resources", Resources())
     concurrency = _integer(data.get("concurrency", 1), f"{where}: concurrency", 1)
     stages: dict[str, StageSettings] = {}
@@ -477,11 +482,13 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
                 if is_inference_key(key):
                     raise SpaceError(f"{where}: train.set.{key}: inference keys belong in set or grid "
                                      "(the training stage trains; evaluations apply inference keys)")
+    return stages, stage_set
 
-    # -- the grid ---------------------------------------------------------------------------------
-    grid_raw = _mapping(data.get("grid"), f"{where}: grid")
+
+def _grid(data: dict, where: str) -> dict[str, list]:
+    """``grid:``: dotted key → a non-empty list of distinct values."""
     grid: dict[str, list] = {}
-    for key, values in grid_raw.items():
+    for key, values in _mapping(data.get("grid"), f"{where}: grid").items():
         if isinstance(values, Mapping):
             raise SpaceError(f"{where}: grid.{key}: use dotted keys (grid: {{a.b.c: [1, 2]}})")
         if not isinstance(values, list) or not values:
@@ -489,18 +496,29 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
             raise SpaceError(f"{where}: grid.{key} lists a value twice: {values!r}")
         grid[str(key)] = values
+    return grid
+
+
+def _variants(data: dict, where: str) -> list[dict]:
+    """``variants:``: a non-empty list of distinct, non-empty mappings of dotted keys."""
     variants_raw = data.get("variants")
     variants: list[dict] = []
-    if variants_raw is not None:
-        if not isinstance(variants_raw, list) or not variants_raw:
-            raise SpaceError(f"{where}: variants must be a non-empty list of mappings of dotted keys")
-        for i, variant in enumerate(variants_raw):
-            v = _overrides(variant, f"{where}: variants[{i}]")
-            if not v:
-                raise SpaceError(f"{where}: variants[{i}] is empty")
-            variants.append(v)
-        if len({json.dumps(v, sort_keys=True, default=str) for v in variants}) != len(variants):
-            raise SpaceError(f"{where}: variants lists the same variant twice")
+    if variants_raw is None:
+        return variants
+    if not isinstance(variants_raw, list) or not variants_raw:
+        raise SpaceError(f"{where}: variants must be a non-empty list of mappings of dotted keys")
+    for i, variant in enumerate(variants_raw):
+        v = _overrides(variant, f"{where}: variants[{i}]")
+        if not v:
+            raise SpaceError(f"{where}: variants[{i}] is empty")
+        variants.append(v)
+    if len({json.dumps(v, sort_keys=True, default=str) for v in variants}) != len(variants):
+        raise SpaceError(f"{where}: variants lists the same variant twice")
+    return variants
+
+
+def _check_axes(grid: dict, variants: list[dict], where: str, cli: dict, fixed: dict, stage_set: dict) -> None:
+    """Something varies, and every varying key is set in one place only (not also fixed)."""
     if not grid and not variants:
         raise SpaceError(f"{where}: nothing to sweep: give a grid and/or variants")
     variant_keys = {k for v in variants for k in v}
@@ -515,126 +533,190 @@ def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = 
         if key in stage_set:
             raise SpaceError(f"{where}: train.set.{key}: the key also varies in the grid/variants")
 
-    # Validate every value where it is written (file + key), then every point as a whole.
+
+def _check_values(cfg: C.Config, grid: dict, variants: list[dict], where: str) -> None:
+    """Every grid value and every variant where it is written (the file and the key)."""
     for key, values in grid.items():
         for value in values:
             _apply(C.clone(cfg), {key: value}, f"{where} (grid)")
     for i, variant in enumerate(variants):
         _apply(C.clone(cfg), variant, f"{where} (variants[{i}])")
-    points = _points(grid, variants)
 
+
+def _checkpoint(data: dict, where: str) -> str | None:
+    """``checkpoint:`` (a path or ``mlflow:<run id>``), or None: train the models."""
     checkpoint = data.get("checkpoint")
     if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
         raise SpaceError(f"{where}: checkpoint must be a path or mlflow:<run id>, got {checkpoint!r}")
-    train_cfg = C.clone(cfg)
-    _apply(train_cfg, stage_set, f"{where} (train.set)")
+    return checkpoint
 
+
+def _point_configs(points: list[dict], train_cfg: C.Config, checkpoint: str | None, where: str) -> list[dict]:
+    """Every point as a whole: its flat config (what an evaluation, or the training trial, runs
+    with); without a checkpoint also its training trial's config, checked as ``ioulab train``."""
     flats = []
     for overrides in points:
         label = _label(overrides)
-        full = C.clone(train_cfg)  # the config an evaluation (or the training trial) runs with
+        full = C.clone(train_cfg)
         _apply(full, overrides, f"{where} (grid point {label})")
-        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoints.check_checkpoint)
+        if checkpoint is None:  # else the checkpoint's stored config decides (checkpoint_source.check_checkpoint)
             check_trial_config(full, where, label)
             training = C.clone(train_cfg)  # the training trial's config (no inference-only keys)
-            _apply(training, {k: v for k, v in overrides.items() if not is_inference_key(k)},
-                   f"{where} (grid point {label})")
+            _apply(training, _train_part(overrides), f"{where} (grid point {label})")
             check_trial_config(training, where, label)
         flats.append(C.flatten(full))
+    return flats
+
+
+def _varying(flats: list[dict], where: str) -> list[str]:
+    """The config keys whose value differs between points."""
     varying = [k for k in flats[0] if len({json.dumps(f[k], default=str) for f in flats}) > 1]
     if not varying:
         raise SpaceError(f"{where}: the grid does not change any config value")
+    return varying
 
-    # -- stages of the plan ----------------------------------------------------------------------
-    def train_part(p: dict) -> dict:
-        return {k: v for k, v in p.items() if not is_inference_key(k)}
 
-    def infer_part(p: dict) -> dict:
-        return {k: v for k, v in p.items() if is_inference_key(k)}
+def _train_part(point: dict) -> dict:
+    return {k: v for k, v in point.items() if not is_inference_key(k)}
 
-    eval_fixed = {k: v for k, v in {**fixed, **cli}.items() if not k.startswith(("model.", "train."))}
-    train_points: list[Point] = []
-    eval_points: list[EvalPoint] = []
-    if checkpoint is not None:
-        for key in (*grid, *variant_keys, *stage_set):
-            if not is_inference_key(key):
-                raise SpaceError(f"{where}: {key} changes the trained model, but checkpoint: fixes the "
-                                 "model; remove checkpoint: to train one model per value")
-        if data.get("early_stopping") is not None:
-            raise SpaceError(f"{where}: early_stopping needs training; this sweep only evaluates {checkpoint}")
-        checkpoint = checkpoint.strip()
-        eval_points = [EvalPoint(i, p, _label(p), None) for i, p in enumerate(points)]
-    else:
-        parts = _unique([train_part(p) for p in points])
+
+def _infer_part(point: dict) -> dict:
+    return {k: v for k, v in point.items() if is_inference_key(k)}
+
+
+def _trials(points: list[dict], checkpoint: str | None, axes: list[str], data: dict,
+            where: str) -> tuple[list[Point], list[EvalPoint], str | None]:
+    """Plan: the training trials (one per distinct training part) and the evaluation trials (one
+    per point when a checkpoint is given or any point has an inference part). ``axes``: every
+    key the grid, the variants or the training stage's ``set`` set."""
+    if checkpoint is None:
+        parts = _unique([_train_part(p) for p in points])
         train_points = [Point(i, p, _label(p)) for i, p in enumerate(parts)]
-        if any(infer_part(p) for p in points):
-            eval_points = [EvalPoint(i, infer_part(p), _label(p), parts.index(train_part(p)))
+        eval_points = []
+        if any(_infer_part(p) for p in points):
+            eval_points = [EvalPoint(i, _infer_part(p), _label(p), parts.index(_train_part(p)))
                            for i, p in enumerate(points)]
+        return train_points, eval_points, None
+    for key in axes:
+        if not is_inference_key(key):
+            raise SpaceError(f"{where}: {key} changes the trained model, but checkpoint: fixes the "
+                             "model; remove checkpoint: to train one model per value")
+    if data.get("early_stopping") is not None:
+        raise SpaceError(f"{where}: early_stopping needs training; this sweep only evaluates {checkpoint}")
+    return [], [EvalPoint(i, p, _label(p), None) for i, p in enumerate(points)], checkpoint.strip()
 
-    # -- metric, failures, early stopping, baseline ------------------------------------------------
+
+def _objective(data: dict, where: str) -> tuple[str, str]:
+    """(metric, mode) of the sweep."""
     metric = data.get("metric", "AP")
     if metric not in METRICS:
         raise SpaceError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
     mode = data.get("mode", "max")
     if mode not in ("max", "min"):
         raise SpaceError(f"{where}: mode must be max or min, got {mode!r}")
+    return metric, mode
+
+
+def _early_stopping(raw: Any, tcfg: C.TrainConfig, where: str) -> EarlyStopping | None:
+    """``early_stopping:`` (ASHA) checked against the training schedule ``tcfg``."""
+    if raw is None:
+        return None
+    es = _mapping(raw, f"{where}: early_stopping")
+    _check_keys(es, EARLY_STOPPING_KEYS, f"{where}: early_stopping")
+    if es.get("type", "asha") != "asha":
+        raise SpaceError(f"{where}: early_stopping.type must be asha, got {es.get('type')!r}")
+    if tcfg.eval_period <= 0:
+        raise SpaceError(f"{where}: early_stopping needs validation AP during training: "
+                         "set train.eval_period > 0")
+    if tcfg.eval_period % tcfg.checkpoint_period:
+        raise SpaceError(f"{where}: early_stopping: train.eval_period ({tcfg.eval_period}) must be a "
+                         f"multiple of train.checkpoint_period ({tcfg.checkpoint_period})")
+    max_t = es.get("max_t", tcfg.max_iters)
+    if not max_t:
+        raise SpaceError(f"{where}: early_stopping.max_t is needed when train.max_iters is 0")
+    return EarlyStopping(_integer(es.get("grace_period", tcfg.eval_period), f"{where}: early_stopping.grace_period", 1),
+                         _number(es.get("reduction_factor", 2), f"{where}: early_stopping.reduction_factor", 1, inclusive=False),
+                         _integer(max_t, f"{where}: early_stopping.max_t", 1))
+
+
+def _baseline(raw: Any, train_cfg: C.Config, flats: list[dict], varying: list[str], where: str) -> dict[str, Any]:
+    """The baseline's varying values: the first point's by default; a given ``baseline:`` typed
+    as the config types it and completed with the keys its points agree on."""
+    if raw is None:
+        return {k: flats[0][k] for k in varying}
+    baseline = _overrides(raw, f"{where}: baseline")
+    for key, value in baseline.items():
+        if key not in varying:
+            raise SpaceError(f"{where}: baseline.{key} does not vary in this sweep{_near(key, varying)}")
+        _apply(C.clone(train_cfg), {key: value}, f"{where} (baseline)")
+    typed = C.clone(train_cfg)
+    _apply(typed, baseline, f"{where} (baseline)")
+    baseline = {k: C.flatten(typed)[k] for k in baseline}
+    matching = [f for f in flats if all(f[k] == v for k, v in baseline.items())]
+    if not matching:
+        raise SpaceError(f"{where}: baseline {baseline} matches no grid point")
+    # Complete it with the keys its points agree on (the coupled values of its variant).
+    baseline |= {k: matching[0][k] for k in varying if k not in baseline
+                 and all(f[k] == matching[0][k] for f in matching)}
+    return {k: baseline[k] for k in varying if k in baseline}
+
+
+def _sweep_name(name: str | None, data: dict, path: Path, profile: str | None) -> str:
+    """``--name``, else the file's ``name:`` (else its file name) with the profile appended."""
+    sweep_name = name or data.get("name") or path.stem
+    if profile and not name and not data.get("name"):
+        sweep_name = f"{path.stem}-{profile}"
+    elif profile and not name:
+        sweep_name = f"{sweep_name}-{profile}"
+    if not isinstance(sweep_name, str) or not sweep_name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SpaceError(f"{path}: name {sweep_name!r} must use letters, digits, '-', '_' or '.'")
+    return sweep_name
+
+
+def load_space(path: str | Path, cli_overrides: list[str] | Mapping[str, Any] = (),
+               profile: str | None = None, name: str | None = None, checkpoint: str | None = None) -> Plan:
+    """Read and validate a space file; return its plan. Raises :class:`SpaceError`.
+
+    parse (file, profile) → the fixed config (base + set + --set) → validate the axes and every
+    point → plan the trials → metric, early stopping, baseline, paper, name. ``checkpoint``
+    (``--checkpoint``) replaces the file's ``checkpoint:`` and its training stage: the sweep then
+    evaluates that checkpoint only."""
+    path = Path(path)
+    where = str(path)
+    text, data = _read(path)
+    data, chosen = _merge_profile(data, profile, where)
+    if checkpoint is not None:
+        data = _given_checkpoint(data, checkpoint)
+    cfg = _base_config(data, path)
+    fixed = _overrides(data.get("set"), f"{where}: set")
+    _apply(cfg, fixed, f"{where} (set)")
+    cli = _cli(cli_overrides)
+    _apply(cfg, cli, "--set")
+    stages, stage_set = _stages(data, where)
+    grid, variants = _grid(data, where), _variants(data, where)
+    _check_axes(grid, variants, where, cli=cli, fixed=fixed, stage_set=stage_set)
+    _check_values(cfg, grid, variants, where)
+    points = _points(grid, variants)
+    checkpoint = _checkpoint(data, where)
+    train_cfg = C.clone(cfg)
+    _apply(train_cfg, stage_set, f"{where} (train.set)")
+    flats = _point_configs(points, train_cfg, checkpoint, where)
+    varying = _varying(flats, where)
+    axes = [*grid, *{k: None for v in variants for k in v}, *stage_set]
+    train_points, eval_points, checkpoint = _trials(points, checkpoint, axes, data, where)
+    metric, mode = _objective(data, where)
     max_failures = _integer(data.get("max_failures", 2), f"{where}: max_failures", -1)
     keep = _integer(data.get("keep_checkpoints", 2), f"{where}: keep_checkpoints", 1)
-    early = None
-    if data.get("early_stopping") is not None:
-        es = _mapping(data["early_stopping"], f"{where}: early_stopping")
-        _check_keys(es, EARLY_STOPPING_KEYS, f"{where}: early_stopping")
-        if es.get("type", "asha") != "asha":
-            raise SpaceError(f"{where}: early_stopping.type must be asha, got {es.get('type')!r}")
-        tcfg = train_cfg.train
-        if tcfg.eval_period <= 0:
-            raise SpaceError(f"{where}: early_stopping needs validation AP during training: "
-                             "set train.eval_period > 0")
-        if tcfg.eval_period % tcfg.checkpoint_period:
-            raise SpaceError(f"{where}: early_stopping: train.eval_period ({tcfg.eval_period}) must be a "
-                             f"multiple of train.checkpoint_period ({tcfg.checkpoint_period})")
-        max_t = es.get("max_t", tcfg.max_iters)
-        if not max_t:
-            raise SpaceError(f"{where}: early_stopping.max_t is needed when train.max_iters is 0")
-        early = EarlyStopping(_integer(es.get("grace_period", tcfg.eval_period), f"{where}: early_stopping.grace_period", 1),
-                              _number(es.get("reduction_factor", 2), f"{where}: early_stopping.reduction_factor", 1, inclusive=False),
-                              _integer(max_t, f"{where}: early_stopping.max_t", 1))
-    baseline_raw = data.get("baseline")
-    if baseline_raw is None:
-        baseline = {k: flats[0][k] for k in varying}
-    else:
-        baseline = _overrides(baseline_raw, f"{where}: baseline")
-        for key, value in baseline.items():
-            if key not in varying:
-                raise SpaceError(f"{where}: baseline.{key} does not vary in this sweep{_near(key, varying)}")
-            _apply(C.clone(train_cfg), {key: value}, f"{where} (baseline)")
-        typed = C.clone(train_cfg)
-        _apply(typed, baseline, f"{where} (baseline)")
-        baseline = {k: C.flatten(typed)[k] for k in baseline}
-        matching = [f for f in flats if all(f[k] == v for k, v in baseline.items())]
-        if not matching:
-            raise SpaceError(f"{where}: baseline {baseline} matches no grid point")
-        # Complete it with the keys its points agree on (the coupled values of its variant).
-        baseline |= {k: matching[0][k] for k in varying if k not in baseline
-                     and all(f[k] == matching[0][k] for f in matching)}
-        baseline = {k: baseline[k] for k in varying if k in baseline}
+    early = _early_stopping(data.get("early_stopping"), train_cfg.train, where)
+    baseline = _baseline(data.get("baseline"), train_cfg, flats, varying, where)
     paper = _paper(data.get("paper"), where, train_cfg, flats, varying, baseline)
-
-    sweep_name = name or data.get("name") or path.stem
-    if chosen and not name and not data.get("name"):
-        sweep_name = f"{path.stem}-{chosen}"
-    elif chosen and not name:
-        sweep_name = f"{sweep_name}-{chosen}"
-    if not isinstance(sweep_name, str) or not sweep_name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise SpaceError(f"{where}: name {sweep_name!r} must use letters, digits, '-', '_' or '.'")
-    description = data.get("description", "")
     return Plan(
-        name=sweep_name, space_file=str(path), profile=chosen,
+        name=_sweep_name(name, data, path, chosen), space_file=str(path), profile=chosen,
         train_config=C.to_dict(train_cfg), train_points=train_points, eval_points=eval_points,
-        eval_overrides=eval_fixed, checkpoint=checkpoint, metric=metric, mode=mode,
-        train=stages["train"], eval=stages["eval"], max_failures=max_failures, keep_checkpoints=keep,
-        early_stopping=early, varying_keys=varying, baseline=baseline,
-        description=str(description or ""), source_text=text, paper=paper)
+        eval_overrides={k: v for k, v in {**fixed, **cli}.items() if not k.startswith(("model.", "train."))},
+        checkpoint=checkpoint, metric=metric, mode=mode, train=stages["train"], eval=stages["eval"],
+        max_failures=max_failures, keep_checkpoints=keep, early_stopping=early, varying_keys=varying,
+        baseline=baseline, description=str(data.get("description", "") or ""), source_text=text, paper=paper)
 
 
 def trial_config(plan: Plan, point: Point) -> C.Config:

@@ -38,7 +38,7 @@ import torch
 from ray import tune
 
 from ioulab.detector import config as C
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_checkpoint
 from ioulab.detector.engine.train import resolve_device, train
 from ioulab.platform import mlflow_names

@@ -9,7 +9,7 @@ from torchvision.ops import batched_nms
 
 from ioulab.detector import config as C
 from ioulab.detector import losses, nms
-from ioulab.detector.model import build, build_model, configure_inference
+from ioulab.detector.model import build, build_model, configure_inference, postprocess
 from ioulab.detector.model.backbone import NORM_LAYERS
 from ioulab.detector.model.iou_head import IOU_LOSSES
 
@@ -33,6 +33,11 @@ def test_every_nms_type_builds_its_own_nms(kind, fn):
     cfg = C.InferenceConfig()
     cfg.nms.type = kind
     assert build.build_detection_nms(cfg).func is fn
+
+
+def test_inference_modes_match_the_mode_table():
+    assert set(postprocess.MODES) == set(C.CHOICES["inference.mode"])
+    assert [m for m in postprocess.MODES if not C.mode_needs_iou_head(m)] == ["baseline"]
 
 
 def test_every_inference_mode_builds_its_own_postprocess():

@@ -120,7 +120,7 @@ def test_train_rejects_bad_data_before_training_and_mlflow(breaker, needle, synt
 def plain_checkpoint(synth_root, tmp_path_factory):
     """A checkpoint of an untrained tiny model without an IoU head (no training needed)."""
     from ioulab.detector import config as C
-    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine import checkpoint_file as ckpt_io
     from ioulab.detector.model import build_model
 
     cfg = C.load_config("cpu_tiny", [f"data.root={synth_root}", *TINY_OVERRIDES])

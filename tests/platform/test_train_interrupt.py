@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 from tests.conftest import TINY_OVERRIDES
 
 ITERS, PERIOD = 40, 10
@@ -18,7 +18,7 @@ ITERS, PERIOD = 40, 10
 # the rename): what a node failure or the OOM killer does at the worst moment.
 KILL_IN_SECOND_SAVE = """
 import os, signal, sys
-from ioulab.detector.engine import checkpoint
+from ioulab.detector.engine import checkpoint_file as checkpoint
 from ioulab.platform import cli
 
 calls, real_fsync = [], os.fsync

@@ -8,7 +8,7 @@ import torch
 
 from ioulab.detector import config as C
 from ioulab.detector import model as model_package
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine import train as train_module
 from ioulab.detector.engine.amp import AmpUnavailableError, amp_policy
 from ioulab.detector.engine.evaluate import evaluate_checkpoint

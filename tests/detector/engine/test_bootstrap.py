@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ioulab.detector.engine import bootstrap as BS
+from ioulab.detector.engine import bootstrap
 from ioulab.detector.engine import cocoeval as CE
 from ioulab.platform.bench.eval import synthetic_eval_set
 
@@ -28,7 +28,7 @@ def _ground_truth_on_half(gt, dets):
 @pytest.mark.timeout(60)
 def test_identical_detections_give_an_interval_around_zero(bench_set):
     _, _, _, m_a, _ = bench_set
-    res = BS.paired_bootstrap(m_a, m_a, METRICS, resamples=200, seed=0)
+    res = bootstrap.paired_bootstrap(m_a, m_a, METRICS, resamples=200, seed=0)
     for key in METRICS:
         assert res[key].delta == 0.0 and res[key].low <= 0.0 <= res[key].high
         assert not res[key].excludes_zero
@@ -38,7 +38,7 @@ def test_identical_detections_give_an_interval_around_zero(bench_set):
 def test_clearly_better_variant_excludes_zero(bench_set):
     gt, det_a, _, m_a, _ = bench_set
     better = CE.match(gt, _ground_truth_on_half(gt, det_a))
-    res = BS.paired_bootstrap(m_a, better, METRICS, resamples=200, seed=0)
+    res = bootstrap.paired_bootstrap(m_a, better, METRICS, resamples=200, seed=0)
     for key in METRICS:
         assert res[key].delta > 0 and res[key].low > 0 and res[key].excludes_zero, key
 
@@ -46,7 +46,7 @@ def test_clearly_better_variant_excludes_zero(bench_set):
 @pytest.mark.timeout(60)
 def test_point_estimate_is_the_metric_difference(bench_set):
     gt, det_a, det_b, m_a, m_b = bench_set
-    res = BS.paired_bootstrap(m_a, m_b, METRICS, resamples=50, seed=0)
+    res = bootstrap.paired_bootstrap(m_a, m_b, METRICS, resamples=50, seed=0)
     a, b = CE.evaluate(gt, [dict(d) for d in det_a]), CE.evaluate(gt, [dict(d) for d in det_b])
     for key in METRICS:
         assert res[key].delta == pytest.approx(b[key] - a[key], abs=1e-9)
@@ -56,9 +56,9 @@ def test_point_estimate_is_the_metric_difference(bench_set):
 @pytest.mark.timeout(60)
 def test_same_seed_same_interval_other_seed_differs(bench_set):
     _, _, _, m_a, m_b = bench_set
-    r1 = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=3)["AP"]
-    r2 = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=3)["AP"]
-    r3 = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=4)["AP"]
+    r1 = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=3)["AP"]
+    r2 = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=3)["AP"]
+    r3 = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=100, seed=4)["AP"]
     assert (r1.low, r1.high) == (r2.low, r2.high)
     np.testing.assert_array_equal(r1.samples, r2.samples)
     assert (r1.low, r1.high) != (r3.low, r3.high)
@@ -67,8 +67,8 @@ def test_same_seed_same_interval_other_seed_differs(bench_set):
 @pytest.mark.timeout(60)
 def test_paired_interval_is_narrower_than_unpaired_on_correlated_variants(bench_set):
     _, _, _, m_a, m_b = bench_set
-    paired = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=300, seed=0)["AP"]
-    unpaired = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=300, seed=0, paired=False)["AP"]
+    paired = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=300, seed=0)["AP"]
+    unpaired = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=300, seed=0, paired=False)["AP"]
     assert paired.delta == unpaired.delta
     assert paired.half_width < 0.5 * unpaired.half_width
 
@@ -83,8 +83,8 @@ def test_two_level_bootstrap_widens_with_seed_noise(bench_set):
         ids = set(rng.choice([img["id"] for img in gt["images"]], len(gt["images"]) // 3, replace=False))
         dets = [{**d, "score": float(rng.uniform())} if d["image_id"] in ids else dict(d) for d in det_b]
         seeds_b.append(CE.match(gt, dets))
-    one = BS.paired_bootstrap(m_a, m_b, ("AP",), resamples=200, seed=0)["AP"]
-    multi = BS.paired_bootstrap([m_a, m_a, m_a], seeds_b, ("AP",), resamples=200, seed=0)["AP"]
+    one = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=200, seed=0)["AP"]
+    multi = bootstrap.paired_bootstrap([m_a, m_a, m_a], seeds_b, ("AP",), resamples=200, seed=0)["AP"]
     assert multi.half_width > one.half_width
 
 
@@ -93,13 +93,13 @@ def test_different_images_are_refused(bench_set):
     other = dict(gt, images=gt["images"][:-1],
                  annotations=[a for a in gt["annotations"] if a["image_id"] != gt["images"][-1]["id"]])
     m_other = CE.match(other, [d for d in det_a if d["image_id"] != gt["images"][-1]["id"]])
-    with pytest.raises(BS.BootstrapError, match="same images"):
-        BS.paired_bootstrap(m_a, m_other, ("AP",), resamples=10)
+    with pytest.raises(bootstrap.BootstrapError, match="same images"):
+        bootstrap.paired_bootstrap(m_a, m_other, ("AP",), resamples=10)
 
 
 def test_resolution_and_seeds_needed():
     # no seed noise: the image term decides alone
-    assert BS.resolvable_delta(0.0, 1.0, seeds=3) == pytest.approx(BS.Z95)
-    assert BS.seeds_needed(1.0, 0.0, 1.0) is None            # image noise alone is wider than Δ
-    n = BS.seeds_needed(2.0, seed_variance=1.0, image_variance=0.1)
-    assert n is not None and BS.resolvable_delta(1.0, 0.1, n) <= 2.0 < BS.resolvable_delta(1.0, 0.1, n - 1)
+    assert bootstrap.resolvable_delta(0.0, 1.0, seeds=3) == pytest.approx(bootstrap.Z95)
+    assert bootstrap.seeds_needed(1.0, 0.0, 1.0) is None            # image noise alone is wider than Δ
+    n = bootstrap.seeds_needed(2.0, seed_variance=1.0, image_variance=0.1)
+    assert n is not None and bootstrap.resolvable_delta(1.0, 0.1, n) <= 2.0 < bootstrap.resolvable_delta(1.0, 0.1, n - 1)

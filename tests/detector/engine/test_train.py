@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine import erroranalysis
 from ioulab.detector.engine.cocoeval import Accumulator, Matches
 from ioulab.detector.engine.evaluate import evaluate_checkpoint, load_trained

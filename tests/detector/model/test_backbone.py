@@ -6,9 +6,9 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from ioulab.detector import config as C
-from ioulab.detector.engine.checkpoint import load as load_checkpoint
+from ioulab.detector.engine.checkpoint_file import load as load_checkpoint
 from ioulab.detector.engine.train import train
-from ioulab.detector.model import backbone as B
+from ioulab.detector.model import backbone
 from ioulab.detector.model import build_model
 from ioulab.detector.model.build import pretrained_weights
 
@@ -44,7 +44,7 @@ def empty_torch_home(tmp_path, monkeypatch):
         attempts.append(url)
         raise OSError("network unreachable (test)")
 
-    monkeypatch.setattr(B, "_download", no_network)
+    monkeypatch.setattr(backbone, "_download", no_network)
     return tmp_path / "torch_home", attempts
 
 
@@ -87,12 +87,12 @@ def test_r50_preset_trains_two_iterations_with_stem_and_layer1_frozen(weights_fi
 
 def test_missing_weights_fail_in_one_line_naming_both_ways(empty_torch_home):
     home, attempts = empty_torch_home
-    with pytest.raises(B.BackboneWeightsError) as info:
+    with pytest.raises(backbone.BackboneWeightsError) as info:
         pretrained_weights(C.load_config("r50_fpn_1x").model)
     message = str(info.value)
     assert "\n" not in message and len(attempts) == 1
     cached = home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
-    assert str(cached) in message and B.imagenet_url("resnet50") in message  # way 1: the cache
+    assert str(cached) in message and backbone.imagenet_url("resnet50") in message  # way 1: the cache
     assert "--set model.backbone.weights=" in message  # way 2: a local file
     assert "network unreachable (test)" in message
 
@@ -127,14 +127,14 @@ def test_from_scratch_needs_trainable_norm_and_layers(weights_file):
     cfg = C.load_config("r50_fpn_1x", ["model.backbone.pretrained=false", "model.backbone.norm=bn",
                                        "model.backbone.trainable_layers=5"])
     assert pretrained_weights(cfg.model) is None
-    body = B.resnet_fpn("resnet50", None, "bn", 5, 256).body
+    body = backbone.resnet_fpn("resnet50", None, "bn", 5, 256).body
     assert isinstance(body.bn1, torch.nn.BatchNorm2d) and all(p.requires_grad for p in body.parameters())
 
 
 def test_a_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / "nope.pth"
     cfg = C.load_config("r50_fpn_1x", [f"model.backbone.weights={missing}"])
-    with pytest.raises(B.BackboneWeightsError, match=rf"^model.backbone.weights={missing}: no such file$"):
+    with pytest.raises(backbone.BackboneWeightsError, match=rf"^model.backbone.weights={missing}: no such file$"):
         pretrained_weights(cfg.model)
 
 
@@ -147,8 +147,8 @@ def test_a_bad_weights_file_fails_in_one_line_naming_it(tmp_path, content):
         torch.save({"model": {"conv1.weight": torch.zeros(1)}, "epoch": 3}, path)
     else:
         torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(B.BackboneWeightsError) as info:
-        B.resnet_fpn("resnet50", path, "frozen_bn", 3, 256)
+    with pytest.raises(backbone.BackboneWeightsError) as info:
+        backbone.resnet_fpn("resnet50", path, "frozen_bn", 3, 256)
     message = str(info.value)
     assert "\n" not in message and str(path) in message
 

@@ -39,7 +39,9 @@ def test_argmax_uses_the_best_class_box_for_every_class():
 
 def test_boxes_option_reaches_only_the_iou_nms_modes(batch):
     for mode, follows in [("baseline", False), ("iou_regular_nms", False), ("iou_nms", True), ("refine", True)]:
-        post = build_postprocess(mode, "iou", 0.5, 0.5, 5, 0.001, -0.01, "argmax")
+        inference = C.InferenceConfig(mode=mode)
+        inference.iou_nms.boxes = "argmax"
+        post = build_postprocess(inference)
         assert post.candidate_boxes == ("argmax" if follows else "per_class"), mode
     model, cfg = _heads("inference.mode=iou_nms")
     images, _ = batch

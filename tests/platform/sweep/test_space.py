@@ -112,7 +112,7 @@ def test_value_outside_the_allowed_set(tmp_path):
 
 
 def test_missing_checkpoint_names_file_and_key(tmp_path):
-    from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+    from ioulab.platform.sweep.checkpoint_source import resolve_checkpoint
 
     path = write(tmp_path, f"""
         checkpoint: {tmp_path / 'nope' / 'model_0000010.pth'}
@@ -202,7 +202,7 @@ def test_given_checkpoint_evaluates_only(tmp_path):
     plan = load_space(path)
     assert not plan.train_points and len(plan.eval_points) == 2
     assert all(p.train_index is None for p in plan.eval_points)
-    from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+    from ioulab.platform.sweep.checkpoint_source import resolve_checkpoint
 
     assert resolve_checkpoint(plan.checkpoint, str(path), "sqlite:///x.db") == str(ckpt)  # newest in run/
     bad = write(tmp_path, f"""
@@ -219,7 +219,7 @@ def test_given_checkpoint_evaluates_only(tmp_path):
 def test_checkpoint_from_an_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+    from ioulab.platform.sweep.checkpoint_source import resolve_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -333,7 +333,7 @@ def test_a_rule_broken_by_the_base_names_the_space_file_and_point(tmp_path):
 def _plain_checkpoint(path):
     """An ioulab checkpoint of a tiny untrained model without an IoU head."""
     from ioulab.detector import config as C
-    from ioulab.detector.engine import checkpoint as ckpt_io
+    from ioulab.detector.engine import checkpoint_file as ckpt_io
 
     cfg = C.load_config("cpu_tiny")
     ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "iteration": 4, "config": C.to_dict(cfg),
@@ -343,7 +343,7 @@ def _plain_checkpoint(path):
 
 
 def test_checkpoint_sweep_checks_the_stored_config_and_the_file(tmp_path):
-    from ioulab.platform.sweep.checkpoints import check_checkpoint, resolve_checkpoint
+    from ioulab.platform.sweep.checkpoint_source import check_checkpoint, resolve_checkpoint
 
     ckpt = _plain_checkpoint(tmp_path / "model_0000004.pth")
     ok = load_space(write(tmp_path, f"checkpoint: {ckpt}\ngrid: {{inference.nms.type: [greedy, diou]}}\n", "ok.yaml"))

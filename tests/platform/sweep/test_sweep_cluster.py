@@ -14,7 +14,7 @@ import pytest
 from ray.tune import Callback
 
 from ioulab.detector import config as C
-from ioulab.platform.sweep.checkpoints import resolve_checkpoint
+from ioulab.platform.sweep.checkpoint_source import resolve_checkpoint
 from ioulab.platform.sweep.driver import SweepError, SweepOptions, run_sweep
 from ioulab.platform.sweep.space import load_space
 from tests.platform.sweep.conftest import SPACES, cli_sets, ioulab_cmd, runs_of, smoke_trials

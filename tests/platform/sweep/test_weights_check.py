@@ -1,7 +1,7 @@
 """`ioulab sweep` checks the ImageNet weights of every training point before Ray starts."""
 import torch
 
-from ioulab.detector.model import backbone as B
+from ioulab.detector.model import backbone
 from ioulab.platform.cli import main
 from tests.platform.sweep.conftest import SPACES
 
@@ -13,7 +13,7 @@ def test_r50_sweep_without_weights_fails_before_ray_and_mlflow(tmp_path, monkeyp
     def no_network(url, dst):
         raise OSError("network unreachable (test)")
 
-    monkeypatch.setattr(B, "_download", no_network)
+    monkeypatch.setattr(backbone, "_download", no_network)
     import ray
 
     def no_ray(*args, **kwargs):  # Ray may already be up from an earlier test: prove *this* command

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ioulab.detector import config as C
-from ioulab.detector.engine import checkpoint as ckpt_io
+from ioulab.detector.engine import checkpoint_file as ckpt_io
 
 
 def _one_line(exc_info) -> str:

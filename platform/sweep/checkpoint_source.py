@@ -89,7 +89,7 @@ def check_checkpoint(plan: Plan, ref: str) -> None:
     eval`` would check it. A URI or an MLflow artifact is left to the trials."""
     if "://" in ref:
         return
-    from ioulab.detector.engine import checkpoint as ckpt_io  # torch
+    from ioulab.detector.engine import checkpoint_file as ckpt_io  # torch
 
     try:
         state = ckpt_io.load(ref)

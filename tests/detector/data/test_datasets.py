@@ -6,7 +6,7 @@ import pytest
 
 from ioulab.detector.config import DataConfig
 from ioulab.detector.data.coco import DataError, MissingDataError
-from ioulab.detector.engine.datasets import build_dataset, build_datasets, resolve_paths
+from ioulab.detector.data.datasets import build_dataset, build_datasets, resolve_paths
 
 
 def test_missing_root_names_the_key(tmp_path):
