@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r50-iters", type=int, default=3, help="timed iterations per ResNet-50 row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-r50", action="store_true", help="skip the two ResNet-50 rows")
+    p.add_argument("--workers", default=None, metavar="N1,N2,...",
+                   help="instead: data-parallel scaling, one row per worker count (DDP, 1 thread per "
+                        "worker, the global batch split): s/iter, images/s, efficiency vs ideal "
+                        "(platform/bench/train_workers.py)")
 
 
 class _Stepper:
@@ -72,6 +76,10 @@ def _seconds_per_step(steppers: list[_Stepper], warmup: int, iters: int, rounds:
 
 
 def run(args) -> BenchResult:
+    if args.workers:
+        from ioulab.platform.bench import train_workers
+
+        return train_workers.run(args)
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     from ioulab.detector import config as C

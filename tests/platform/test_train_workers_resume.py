@@ -1,7 +1,6 @@
 """A SIGKILLed `ioulab train --workers 2`, then `--resume`: the final weights equal an uninterrupted
 2-worker run's bit for bit (every rank's RNG state is in the checkpoint), `log.jsonl` holds every
 iteration once, and the killed run leaves no worker process behind."""
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import torch
 
 from ioulab.detector.engine import checkpoint as ckpt_io
 from tests.conftest import TINY_OVERRIDES
+from tests.platform.test_train_interrupt import _logged
 
 ITERS, PERIOD = 12, 4
 
@@ -47,17 +47,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def _logged(run) -> list[int]:
-    path = run / "log.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line)["iteration"])
-        except ValueError:
-            pass  # the line being written when the process died
-    return out
 
 
 def _final(run) -> dict[str, torch.Tensor]:
