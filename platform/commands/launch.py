@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ioulab.detector import config as C
+from ioulab.detector.engine.distributed import World, per_rank_batch
 from ioulab.detector.errors import UserError
 
 # A collective waits at most this long for a rank (a rank stuck elsewhere fails the run, not hangs it).
@@ -102,6 +103,7 @@ def train_workers(cfg: C.Config, out: Path, workers: int, *, resume: bool, logge
 
     if workers == 1:
         return train(cfg, out, logger=logger, resume=resume, progress=progress)
+    per_rank_batch(cfg.train.batch_size, World(0, workers))  # one line now, before any process starts
     threads = max(1, torch.get_num_threads() // workers)
     port = free_port()
     ctx = torch.multiprocessing.get_context("spawn")

@@ -49,3 +49,20 @@ def test_two_workers_of_four_equal_one_of_eight(tiny_cfg, tmp_path):
     for x, y in zip(*logs):  # losses averaged over the ranks = the single process's
         assert y["loss/total"] == pytest.approx(x["loss/total"], rel=1e-4)
     assert two.metrics.keys() == one.metrics.keys()
+
+
+def test_workers_argument_and_batch_split_fail_in_one_line(tiny_cfg, tmp_path, capsys):
+    import argparse
+
+    from ioulab.detector.errors import UserError
+    from ioulab.platform.commands.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--workers", "3"]).workers == 3 and p.parse_args([]).workers == 1
+    with pytest.raises(SystemExit):
+        p.parse_args(["--workers", "0"])
+    assert "expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(UserError, match="train.batch_size=2 does not split over 3 workers"):
+        train_workers(tiny_cfg(), tmp_path / "r", 3, resume=False, progress=False)
+    assert not (tmp_path / "r").exists()  # refused before any process or file
