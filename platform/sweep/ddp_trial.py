@@ -48,7 +48,8 @@ def train_ddp_trial(cfg: C.Config, ctx: dict, point: dict, trial_id: str, starte
                            "out_dir": str(out_dir)},
         scaling_config=scaling_config(ctx["resources"]),
         run_config=ray.train.RunConfig(name=f"ddp-{trial_id}", storage_path=str(Path.cwd() / "ddp"),
-                                       failure_config=ray.train.FailureConfig(max_failures=ctx.get("max_failures", 0))),
+                                       failure_config=ray.train.FailureConfig(
+                                           max_failures=ctx.get("max_failures", 0))),
         resume_from_checkpoint=ray.train.Checkpoint(previous.path, previous.filesystem) if previous else None)
     result = trainer.fit()
     metrics = {**result.metrics, "trial_seconds": time.perf_counter() - started}
@@ -84,8 +85,8 @@ def _worker_loop(config: dict) -> None:
         tracker = T.open_trial_run(ctx, point, trial_id, tags)
         logger = T._TeeLogger(tracker)
         start = T._restore_checkpoint(out_dir, tracker, ray.train.get_checkpoint())
-    base = {"node_id": T._node_id(), "stage": "train", "point_index": point["index"], "final": 0, "device": cfg.train.device,
-            "workers": ctx["resources"]["workers"]}
+    base = {"node_id": T._node_id(), "stage": "train", "point_index": point["index"], "final": 0,
+            "device": cfg.train.device, "workers": ctx["resources"]["workers"]}
 
     def report(result: dict, model_file: Path | None, final: bool = False) -> None:
         if rank == 0:

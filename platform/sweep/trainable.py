@@ -137,9 +137,10 @@ def open_trial_run(ctx: dict, point: dict, trial_id: str, extra_tags: dict[str, 
 
 
 def _restore_checkpoint(out_dir: Path, tracker: MlflowRun, checkpoint) -> int:
-    """Continue from ``checkpoint`` (the trial's last Tune or Train checkpoint, or None): its model file goes into
-    ``out_dir/checkpoints`` (anything newer there is removed, so the run continues exactly that
-    checkpoint) and its undelivered MLflow records are queued again. Returns its iteration."""
+    """Continue from ``checkpoint`` (the trial's last Tune or Train checkpoint, or None): its model
+    file goes into ``out_dir/checkpoints`` (anything newer there is removed, so the run continues
+    exactly that checkpoint) and its undelivered MLflow records are queued again. Returns its
+    iteration."""
     ckpt_dir = out_dir / "checkpoints"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
