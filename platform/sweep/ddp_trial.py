@@ -66,6 +66,21 @@ def _device(resources: dict) -> str:
     return "cpu"
 
 
+def _restore(out_dir: Path, tracker) -> int:
+    """Rank 0's starting iteration: Ray Train's latest checkpoint (copied into ``out_dir``); when
+    Ray Train gives none but this node's ``out_dir`` holds checkpoints of an earlier attempt of the
+    group, the newest of those (resume is exact from any checkpoint; steps logged twice are not
+    sent to MLflow twice)."""
+    from ioulab.detector.engine import checkpoint as ckpt_io
+
+    checkpoint = ray.train.get_checkpoint()
+    local = ckpt_io.latest_checkpoint(out_dir / "checkpoints")
+    print(f"[ioulab] worker group starts: Ray Train checkpoint {checkpoint}, local {local}", flush=True)
+    if checkpoint is None and local is not None:
+        return ckpt_io.checkpoint_iteration(local)
+    return T._restore_checkpoint(out_dir, tracker, checkpoint)
+
+
 def _worker_loop(config: dict) -> None:
     """One DDP worker of the trial (see the module docstring)."""
     from ioulab.detector.engine.train import train
@@ -84,7 +99,7 @@ def _worker_loop(config: dict) -> None:
                 mlflow_names.RUN_DIR: str(out_dir)}
         tracker = T.open_trial_run(ctx, point, trial_id, tags)
         logger = T._TeeLogger(tracker)
-        start = T._restore_checkpoint(out_dir, tracker, ray.train.get_checkpoint())
+        start = _restore(out_dir, tracker)
     base = {"node_id": T._node_id(), "stage": "train", "point_index": point["index"], "final": 0,
             "device": cfg.train.device, "workers": ctx["resources"]["workers"]}
 

@@ -24,7 +24,7 @@ ITERS = 8
 RUN = [f"train.max_iters={ITERS}", "train.checkpoint_period=2", "train.log_period=1"]
 
 
-def _space(tmp_path: Path, name: str) -> Path:
+def _space(tmp_path: Path, name: str, concurrency: int = 2) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: {name}
@@ -33,6 +33,7 @@ def _space(tmp_path: Path, name: str) -> Path:
         metric: AP
         train: {{resources: {{workers: 2, cpu: 0.45}}}}
         max_failures: 2
+        concurrency: {concurrency}
         """))
     return path
 
@@ -76,13 +77,14 @@ def _train_workers() -> list[int]:
 
 
 def test_worker_killed_mid_trial_finishes_from_checkpoint_steps_once(ray_cluster, tiny_sets, tmp_path):
-    plan = load_space(_space(tmp_path, "ddpkill"), [*tiny_sets, *RUN])
+    plan = load_space(_space(tmp_path, "ddpkill", concurrency=1), [*tiny_sets, *RUN])
     killed: list[int] = []
 
     uri = options(tmp_path).tracking_uri
 
+    # One trial at a time: the workers alive when a trial passes its first checkpoint are its own.
     def past_first_checkpoint() -> bool:
-        """Some trial logged step 3: its checkpoint of iteration 2 was saved and reported."""
+        """The running trial logged step 3: its checkpoint of iteration 2 was saved and reported."""
         try:
             client, _, children = runs_of(uri)
             return any(m.step >= 3 for c in children for m in client.get_metric_history(c.info.run_id, "loss/total"))
