@@ -113,7 +113,8 @@ class BackboneConfig:
     ``pretrained``: start from ImageNet weights: the file ``weights`` (a torchvision ResNet state
     dict) if given, else torchvision's cache (downloaded once if the network allows). ``false``
     trains from scratch and then needs ``norm: bn`` and ``trainable_layers: 5`` (a frozen random
-    layer learns nothing). ``norm``: frozen_bn | bn. ``tiny`` is always trained from scratch."""
+    layer learns nothing). ``norm``: frozen_bn | bn. ``tiny`` is always trained from scratch (its ``frozen_bn``: no
+    normalization, no batch statistics)."""
 
     limits: ClassVar[Limits] = {"trainable_layers": Range(0, 5), "fpn_channels": AT_LEAST_1,
                                 "tiny_widths": Range(1, length=4)}
@@ -286,6 +287,11 @@ class TrainConfig:
     amp: bool | None = None
     amp_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 also scales the loss: GradScaler)
     seed: int = 0
+    # Where the RPN / RoI samplers draw from: stream (the process's torch RNG, image after image;
+    # configs stored before this key) | per_image (a generator per image, seeded by (seed,
+    # iteration, position in the global batch): the same draws at any number of workers, see
+    # model/sampling.py and engine/distributed.py).
+    sampling: str = "stream"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -382,6 +388,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.refine.impl": ("direct", "autograd"),
     "train.amp_dtype": ("bfloat16", "float16"),
     "train.weight_decay_1d": ("all", "bias", "none"),
+    "train.sampling": ("stream", "per_image"),
 }
 
 # String keys with an open set of values: (regular expression, what to write).
@@ -710,7 +717,8 @@ def _backbone_problem(b: BackboneConfig) -> tuple[tuple[str, ...], str] | None:
     if b.weights and not b.pretrained:
         return (("model.backbone.weights", "model.backbone.pretrained"),
                 "model.backbone.weights is set but model.backbone.pretrained=false")
-    if not b.pretrained and (b.norm != "bn" or b.trainable_layers != 5):
+    # tiny + frozen_bn: FrozenBatchNorm at identity, i.e. no normalization (data-parallel equivalence)
+    if not b.pretrained and (b.norm != "bn" and b.name != "tiny" or b.trainable_layers != 5):
         return (("model.backbone.pretrained", "model.backbone.norm", "model.backbone.trainable_layers"),
                 "model.backbone.pretrained=false trains from scratch: also set "
                 "model.backbone.norm=bn and model.backbone.trainable_layers=5 "

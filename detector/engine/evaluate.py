@@ -84,9 +84,16 @@ def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], 
 
     loader = build_eval_loader(dataset, inference.batch_size, num_workers)
     detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp)
-    metrics = coco_metrics(dataset.coco, detections)
+    return score(dataset.coco, detections, out_dir)
+
+
+def score(coco_gt, detections: list[dict], out_dir=None) -> dict[str, float]:
+    """The metrics of ``detections`` (COCO results of the whole dataset, in dataset order); with
+    ``out_dir``, the EVAL_ARTIFACTS written there. The one scoring path of single-process and
+    distributed evaluation (``engine/distributed.py`` gathers the shards, then calls this)."""
+    metrics = coco_metrics(coco_gt, detections)
     if out_dir is not None:
-        metrics = write_eval_outputs(Path(out_dir), dataset.coco, detections, metrics)
+        metrics = write_eval_outputs(Path(out_dir), coco_gt, detections, metrics)
     return metrics
 
 
@@ -98,7 +105,7 @@ def load_trained(checkpoint_path, overrides=(), device: str = "auto"):
     """
     from ioulab.detector import config as C
     from ioulab.detector.engine import checkpoint_file as ckpt_io
-    from ioulab.detector.engine.train import resolve_device
+    from ioulab.detector.engine.runtime import resolve_device
     from ioulab.detector.model import build_model
 
     path = Path(checkpoint_path)

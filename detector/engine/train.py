@@ -1,6 +1,10 @@
-"""The single-run trainer: read top to bottom, it is the whole training procedure.
+"""The single-run trainer: read :func:`train` top to bottom, it is the whole training procedure.
 
-    data → model → SGD with warmup + step LR → iterate (AMP: engine/amp.py) → log → checkpoint → evaluate
+    build (data, model, SGD with warmup + step LR) → restore → for each iteration: step (AMP:
+    engine/amp.py) → log → checkpoint (+ evaluate) → finish (evaluate, artifacts)
+
+One process, or one of N data-parallel workers (engine/distributed.py): the launcher creates the
+process group, the trainer reads it; rank 0 writes every file and tracking record.
 
 Outputs in ``out_dir``: ``config.yaml``, ``checkpoints/model_XXXXXXX.pth`` (atomic), ``log.jsonl``
 (every logged step, kept locally whatever the tracking backend does), ``metrics.json`` and
@@ -11,10 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +29,10 @@ from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine.amp import amp_policy
 from ioulab.detector.data.datasets import build_datasets
-from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model
+from ioulab.detector.engine import distributed as D
+from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS
 from ioulab.detector.engine.events import NullLogger, RunLogger
+from ioulab.detector.engine.runtime import resolve_device, seed_everything  # noqa: F401  (re-exported)
 from ioulab.detector.data.loader import InfiniteLoader
 from ioulab.detector.errors import UserError
 from ioulab.detector.model import build_model
@@ -47,18 +52,6 @@ class TrainResult:
     iterations: int                 # the schedule's total
     seconds_per_iter: float         # over the iterations this call ran
     start: int = 0                  # iterations done before this call (resume), 0 for a fresh run
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def total_iterations(cfg: C.TrainConfig, num_images: int) -> int:
@@ -172,116 +165,224 @@ def open_log(path: Path, start: int):
     return path.open("a")
 
 
-def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None, resume: bool = False,
-          on_checkpoint: CheckpointHook | None = None, progress: bool = True) -> TrainResult:
-    """Train ``cfg`` into ``out_dir``, evaluate on the validation split, return the metrics.
+@dataclass
+class Session:
+    """Everything one training run carries from step to step (built by :func:`build_session`)."""
 
-    ``resume=True`` continues from the newest readable checkpoint in ``out_dir`` exactly (weights,
-    optimizer, schedule, RNG and data order); ``cfg`` may change only ``inference.*`` keys and
-    bookkeeping keys that do not change the result (see :func:`resume_point`).
-    """
-    out_dir = Path(out_dir).resolve()
-    ckpt_dir = out_dir / "checkpoints"
-    logger = logger or NullLogger()
+    cfg: C.Config
+    out_dir: Path
+    world: D.World
+    device: torch.device
+    model: torch.nn.Module          # the detector itself: state dicts, losses, evaluation
+    forward: torch.nn.Module        # what the steps call: ``model``, or DDP over it
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: object                     # engine/amp.py AmpPolicy
+    train_set: object
+    val_set: object
+    dataset_info: dict
+    total: int                      # iterations of the schedule
+    start: int = 0                  # iterations done before this call
+    latest: Path | None = None      # the checkpoint this call resumed from
+    logger: RunLogger = field(default_factory=NullLogger)
+
+
+def build_session(cfg: C.Config, out_dir: Path, world: D.World, logger: RunLogger) -> Session:
+    """Data, model, optimizer, LR schedule and AMP of ``cfg``, seeded by ``train.seed`` (every rank
+    builds the same initial model; rank r > 0 then draws from its own seed)."""
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     seed_everything(tcfg.seed)
-
     train_set, val_set = build_datasets(cfg.data)
+    D.per_rank_batch(tcfg.batch_size, world)  # a batch that does not split fails before training
     num_classes = cfg.model.num_classes or train_set.num_classes
     model = build_model(cfg.model, num_classes, cfg.inference).to(device)
     optimizer = build_optimizer(model, tcfg)
     total = total_iterations(tcfg, len(train_set))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tcfg, total))
     amp = amp_policy(tcfg, device)
-    scaler = amp.grad_scaler()  # enabled for float16 only
+    if world.rank:
+        seed_everything(rank_seed(tcfg.seed, world.rank))
+    info = {"num_classes": num_classes, "label_to_cat_id": list(train_set.label_to_cat_id),
+            "class_names": list(train_set.class_names)}
+    return Session(cfg, out_dir, world, device, model, model, optimizer, scheduler,
+                   amp.grad_scaler(),  # enabled for float16 only
+                   amp, train_set, val_set, info, total, logger=logger if world.is_main else NullLogger())
 
-    start = 0
-    latest, state = resume_point(cfg, out_dir, resume, device, verbose=True)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and state.get("scaler"):  # empty when saved without float16 AMP
-            scaler.load_state_dict(state["scaler"])
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The global-RNG seed of data-parallel rank ``rank`` > 0 (rank 0 keeps ``seed``)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def sample_key(seed: int, iteration: int, position: int) -> int:
+    """The sampling seed of the image at ``position`` of the global batch of ``iteration``
+    (``train.sampling: per_image``, model/sampling.py)."""
+    return int(np.random.SeedSequence([seed, iteration, position]).generate_state(1)[0])
+
+
+def restore(s: Session, resume: bool) -> None:
+    """Load the newest readable checkpoint of ``s.out_dir`` (see :func:`resume_point`) into the
+    model, optimizer, schedule, AMP scaler and RNG, and set ``s.start``; nothing for a fresh run.
+    Rank 0 reads it and sends it to the other ranks (they may not share the folder); each rank
+    gets back its own RNG state when the checkpoint has one per rank."""
+    latest, state = None, None
+    if s.world.is_main:
+        latest, state = resume_point(s.cfg, s.out_dir, resume, s.device, verbose=True)
+    latest, state = D.broadcast_from_main((latest, state), s.world)
+    s.latest = latest
+    if state is None:
+        return
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    if s.scaler.is_enabled() and state.get("scaler"):  # empty when saved without float16 AMP
+        s.scaler.load_state_dict(state["scaler"])
+    per_rank = state.get("rng_ranks") or []
+    if len(per_rank) == s.world.size:
+        ckpt_io.set_rng_state(per_rank[s.world.rank])
+    elif s.world.is_main:
         ckpt_io.set_rng_state(state["rng"])
-        start = state["iteration"]
+    else:  # another world size: rank r > 0 continues from its own seed and the iteration
+        seed_everything(rank_seed(s.cfg.train.seed + state["iteration"], s.world.rank))
+    s.start = state["iteration"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
-    logger.log_params(C.flatten(cfg))
-    dataset_info = {"num_classes": num_classes, "label_to_cat_id": list(train_set.label_to_cat_id),
-                    "class_names": list(train_set.class_names)}
 
-    def save(iteration: int) -> Path:
-        path = ckpt_io.checkpoint_path(ckpt_dir, iteration)
-        ckpt_io.save_atomic({
-            "format": ckpt_io.FORMAT, "iteration": iteration, "config": C.to_dict(cfg),
-            "dataset": dataset_info, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt_io.rng_state(),
-        }, path)
-        ckpt_io.prune(ckpt_dir, tcfg.keep_checkpoints)
-        return path
+def step(s: Session, it: int, images: list[torch.Tensor], targets: list[dict]
+         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Iteration ``it`` on this rank's images: forward, loss check (on every rank), backward
+    (gradients averaged over the ranks), clip, SGD and LR step. Returns (terms, weighted, loss)."""
+    tcfg = s.cfg.train
+    images = [img.to(s.device, non_blocking=True) for img in images]
+    targets = [{k: (v.to(s.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    if tcfg.sampling == "per_image":
+        first = s.world.rank * len(images)
+        for j, t in enumerate(targets):
+            t["sample_key"] = sample_key(tcfg.seed, it, first + j)
+    with s.amp.autocast():
+        terms = s.forward(images, targets)
+    weighted = s.model.weighted_losses(terms)
+    if not D.all_finite(list(weighted.values()), s.world):
+        bad = [(k, v.item()) for k, v in weighted.items() if not torch.isfinite(v)]
+        where = f"loss term {bad[0][0]!r} is {bad[0][1]}" if bad else \
+            f"the loss of another of {s.world.size} workers is not finite"
+        raise NonFiniteLossError(f"iteration {it + 1}: {where} "
+                                 f"(all terms: { {k: round(v.item(), 4) for k, v in terms.items()} })")
+    loss = sum(weighted.values())
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    if tcfg.grad_clip > 0:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    return terms, weighted, loss
 
-    batches = InfiniteLoader(train_set, tcfg.batch_size, cfg.data.num_workers, tcfg.seed).iter_from(start)
-    log_file = open_log(out_dir / "log.jsonl", start)
-    bar = tqdm(total=total, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
-    path = latest if start >= total and latest is not None else None
-    metrics: dict[str, float] | None = None
-    t_start, it = time.perf_counter(), start
-    model.train()
-    for it in range(start, total):
-        images, targets = next(batches)
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with amp.autocast():
-            terms = model(images, targets)
-        weighted = model.weighted_losses(terms)
-        for name, value in weighted.items():
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(f"iteration {it + 1}: loss term {name!r} is {value.item()} "
-                                         f"(all terms: { {k: round(v.item(), 4) for k, v in terms.items()} })")
-        loss = sum(weighted.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tcfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
 
-        step = it + 1
-        if step % tcfg.log_period == 0 or step == total:
-            record = {f"loss/{k.removeprefix('loss_')}": v.item() for k, v in terms.items() if k in weighted}
-            record |= {f"loss/{k.removeprefix('loss_')}_weighted": v.item() for k, v in weighted.items()}
-            record |= {f"stat/{k}": v.item() for k, v in terms.items() if k not in weighted}
-            record |= {"loss/total": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-            logger.log_metrics(record, step)
-            log_file.write(json.dumps({"iteration": step, **record}) + "\n")
-            log_file.flush()
-            bar.set_postfix(loss=f"{loss.item():.3f}", box=f"{terms['loss_box_reg'].item():.3f}")
-        bar.update(1)
-        if step % tcfg.checkpoint_period == 0 or step == total:
-            path = save(step)
-            metrics = None
-            if tcfg.eval_period > 0 and step % tcfg.eval_period == 0 and step != total:
-                metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference,
-                                         device, num_workers=cfg.data.num_workers, progress=progress,
-                                         amp=amp)
-                logger.log_metrics(metrics, step)
-                model.train()
-            if on_checkpoint is not None and step != total:
-                on_checkpoint(step, path, metrics)
-    bar.close()
-    log_file.close()
-    seconds_per_iter = (time.perf_counter() - t_start) / max(it + 1 - start, 1)
+def log_step(s: Session, step_no: int, terms: dict, weighted: dict, loss: torch.Tensor, log_file, bar) -> None:
+    """One ``log.jsonl`` line and one tracking record of the losses (each averaged over the ranks:
+    what one process over the global batch logs), statistics and LR; rank 0 writes them."""
+    values = {f"loss/{k.removeprefix('loss_')}": v for k, v in terms.items() if k in weighted}
+    values |= {f"loss/{k.removeprefix('loss_')}_weighted": v for k, v in weighted.items()}
+    values |= {f"stat/{k}": v for k, v in terms.items() if k not in weighted}
+    values["loss/total"] = loss
+    record = D.mean_over_ranks(values, s.world) | {"lr": s.optimizer.param_groups[0]["lr"]}
+    if not s.world.is_main:
+        return
+    s.logger.log_metrics(record, step_no)
+    log_file.write(json.dumps({"iteration": step_no, **record}) + "\n")
+    log_file.flush()
+    bar.set_postfix(loss=f"{record['loss/total']:.3f}", box=f"{record['loss/box_reg']:.3f}")
 
-    metrics = evaluate_model(model, val_set, dataset_info["label_to_cat_id"], cfg.inference, device,
-                             num_workers=cfg.data.num_workers, out_dir=out_dir, progress=progress, amp=amp)
-    logger.log_metrics(metrics, total)
+
+def save_checkpoint(s: Session, iteration: int) -> Path:
+    """Rank 0 writes ``checkpoints/model_XXXXXXX.pth`` atomically (every rank's RNG state in it)
+    and prunes old ones; every rank returns its path once it exists."""
+    path = ckpt_io.checkpoint_path(s.out_dir / "checkpoints", iteration)
+    rng_ranks = D.gather_to_main(ckpt_io.rng_state(), s.world)
+    if s.world.is_main:
+        state = {
+            "format": ckpt_io.FORMAT, "iteration": iteration, "config": C.to_dict(s.cfg),
+            "dataset": s.dataset_info, "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng_ranks[0]}
+        if s.world.size > 1:
+            state["rng_ranks"] = rng_ranks
+        ckpt_io.save_atomic(state, path)
+        ckpt_io.prune(path.parent, s.cfg.train.keep_checkpoints)
+    D.barrier(s.world)
+    return path
+
+
+def evaluate(s: Session, out_dir: Path | None = None, progress: bool = False) -> dict[str, float]:
+    """Validation metrics of the current weights, the images split over the ranks (same metrics
+    as one process); ``out_dir``: rank 0 writes the EVAL_ARTIFACTS there."""
+    metrics = D.evaluate_sharded(s.model, s.val_set, s.dataset_info["label_to_cat_id"], s.cfg.inference,
+                                 s.device, s.world, num_workers=s.cfg.data.num_workers, out_dir=out_dir,
+                                 progress=progress, amp=s.amp)
+    s.model.train()
+    return metrics
+
+
+def finish(s: Session, path: Path | None, on_checkpoint: CheckpointHook | None, seconds_per_iter: float,
+           progress: bool) -> TrainResult:
+    """The final evaluation (its files in ``out_dir``), its metrics and the artifacts logged, the
+    last hook call; returns the run's result."""
+    metrics = evaluate(s, out_dir=s.out_dir if s.world.is_main else None, progress=progress)
+    s.logger.log_metrics(metrics, s.total)
     for artifact in ("config.yaml", *EVAL_ARTIFACTS):
-        logger.log_artifact(out_dir / artifact)
+        if s.world.is_main:
+            s.logger.log_artifact(s.out_dir / artifact)
     if on_checkpoint is not None:
-        on_checkpoint(total, path, metrics)
-    return TrainResult(metrics, path, total, seconds_per_iter, start)
+        on_checkpoint(s.total, path, metrics)
+    return TrainResult(metrics, path, s.total, seconds_per_iter, s.start)
+
+
+def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None, resume: bool = False,
+          on_checkpoint: CheckpointHook | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into ``out_dir``, evaluate on the validation split, return the metrics.
+
+    ``resume=True`` continues from the newest readable checkpoint in ``out_dir`` exactly (weights,
+    optimizer, schedule, RNG and data order); ``cfg`` may change only ``inference.*`` keys and
+    bookkeeping keys that do not change the result (see :func:`resume_point`). Inside an
+    initialized process group this is one data-parallel worker (engine/distributed.py): every rank
+    calls it with the same arguments; ``logger`` and files are rank 0's, ``on_checkpoint`` is
+    called on every rank at the same iterations.
+    """
+    world = D.World.current()
+    s = build_session(cfg, Path(out_dir).resolve(), world, logger or NullLogger())
+    restore(s, resume)
+    s.forward = D.wrap_model(s.model, world, s.device)
+    tcfg = cfg.train
+    if world.is_main:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        (s.out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
+        s.logger.log_params(C.flatten(cfg))
+    batches = InfiniteLoader(s.train_set, tcfg.batch_size, cfg.data.num_workers, tcfg.seed,
+                             rank=world.rank, world_size=world.size).iter_from(s.start)
+    log_file = open_log(s.out_dir / "log.jsonl", s.start) if world.is_main else None
+    bar = tqdm(total=s.total, initial=s.start, desc="train", disable=not (progress and world.is_main),
+               dynamic_ncols=True)
+    path = s.latest if s.start >= s.total and s.latest is not None else None
+    t_start, it = time.perf_counter(), s.start
+    s.model.train()
+    for it in range(s.start, s.total):
+        terms, weighted, loss = step(s, it, *next(batches))
+        step_no = it + 1
+        if step_no % tcfg.log_period == 0 or step_no == s.total:
+            log_step(s, step_no, terms, weighted, loss, log_file, bar)
+        bar.update(1)
+        if step_no % tcfg.checkpoint_period == 0 or step_no == s.total:
+            path = save_checkpoint(s, step_no)
+            metrics = None
+            if tcfg.eval_period > 0 and step_no % tcfg.eval_period == 0 and step_no != s.total:
+                metrics = evaluate(s, progress=progress and world.is_main)
+                s.logger.log_metrics(metrics, step_no)
+            if on_checkpoint is not None and step_no != s.total:
+                on_checkpoint(step_no, path, metrics)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+    seconds_per_iter = (time.perf_counter() - t_start) / max(it + 1 - s.start, 1)
+    return finish(s, path, on_checkpoint, seconds_per_iter, progress and world.is_main)

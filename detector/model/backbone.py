@@ -32,10 +32,10 @@ class BackboneWeightsError(UserError, ValueError):
     """ImageNet weights are missing, or a weights file does not fit the backbone."""
 
 
-def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, stride: int, norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
+        norm(cout),
         nn.ReLU(inplace=True),
     )
 
@@ -47,16 +47,20 @@ class TinyBody(nn.Module):
     objects of 12–60 px need.
     """
 
-    def __init__(self, widths: list[int]):
+    def __init__(self, widths: list[int], norm: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"tiny backbone needs 4 stage widths, got {widths}")
         w1, w2, w3, w4 = widths
-        self.stem = nn.Sequential(_conv_bn(3, w1 // 2, 2), _conv_bn(w1 // 2, w1, 2))
-        self.layer1 = _conv_bn(w1, w1, 1)
-        self.layer2 = nn.Sequential(_conv_bn(w1, w2, 2), _conv_bn(w2, w2, 1))
-        self.layer3 = nn.Sequential(_conv_bn(w2, w3, 2), _conv_bn(w3, w3, 1))
-        self.layer4 = nn.Sequential(_conv_bn(w3, w4, 2), _conv_bn(w4, w4, 1))
+
+        def cb(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return _conv_bn(cin, cout, stride, norm)
+
+        self.stem = nn.Sequential(cb(3, w1 // 2, 2), cb(w1 // 2, w1, 2))
+        self.layer1 = cb(w1, w1, 1)
+        self.layer2 = nn.Sequential(cb(w1, w2, 2), cb(w2, w2, 1))
+        self.layer3 = nn.Sequential(cb(w2, w3, 2), cb(w3, w3, 1))
+        self.layer4 = nn.Sequential(cb(w3, w4, 2), cb(w4, w4, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - used via IntermediateLayerGetter
         for m in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
@@ -64,8 +68,11 @@ class TinyBody(nn.Module):
         return x
 
 
-def tiny_fpn_backbone(widths: list[int], fpn_channels: int) -> BackboneWithFPN:
-    body = TinyBody(widths)
+def tiny_fpn_backbone(widths: list[int], fpn_channels: int, norm: str = "bn") -> BackboneWithFPN:
+    """``norm``: bn (trainable BatchNorm, cpu_tiny) | frozen_bn (FrozenBatchNorm2d at its identity
+    initialization: no normalization and no batch statistics, so a step does not depend on how
+    the batch is split over data-parallel workers; engine/distributed.py)."""
+    body = TinyBody(widths, NORM_LAYERS[norm])
     return_layers = OrderedDict((f"layer{i + 1}", str(i)) for i in range(4))
     return BackboneWithFPN(body, return_layers, in_channels_list=list(widths), out_channels=fpn_channels)
 

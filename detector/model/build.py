@@ -61,7 +61,7 @@ def build_backbone(cfg: ModelConfig, load_pretrained: bool = True):
     """``load_pretrained=False`` skips the ImageNet weights (a checkpoint replaces them anyway)."""
     b = cfg.backbone
     if b.name == "tiny":
-        return tiny_fpn_backbone(b.tiny_widths, b.fpn_channels)
+        return tiny_fpn_backbone(b.tiny_widths, b.fpn_channels, b.norm)
     weights = pretrained_weights(cfg) if load_pretrained else None
     return resnet_fpn(b.name, weights, b.norm, b.trainable_layers, b.fpn_channels)
 

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-r50", action="store_true", help="skip the two ResNet-50 rows")
     add_smoke_test(p, "the config at smoke sizes, 2 timed iterations, no ResNet-50 rows")
+    p.add_argument("--workers", default=None, metavar="N1,N2,...",
+                   help="instead: data-parallel scaling, one row per worker count (DDP, 1 thread per "
+                        "worker, the global batch split): s/iter, images/s, efficiency vs ideal "
+                        "(platform/bench/train_workers.py)")
 
 
 class _Stepper:
@@ -74,12 +78,14 @@ def _seconds_per_step(steppers: list[_Stepper], warmup: int, iters: int, rounds:
 
 
 def run(args) -> BenchResult:
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    if args.workers:
+        from ioulab.platform.bench import train_workers
 
+        return train_workers.run(args)
     from ioulab.detector import config as C
     from ioulab.detector.data.loader import InfiniteLoader
     from ioulab.detector.data.datasets import build_datasets
-    from ioulab.detector.engine.train import seed_everything
+    from ioulab.detector.engine.runtime import seed_everything
     from ioulab.detector.model import build_model
 
     if args.smoke_test:
@@ -91,15 +97,7 @@ def run(args) -> BenchResult:
     stream = InfiniteLoader(train_set, batch, 0, seed=0).iter_from(0)
     batches = [next(stream) for _ in range(8)]
 
-    variants: list[tuple[str, C.Config]] = []
-    if args.vary:
-        key, values = args.vary.split("=", 1)
-        for value in values.split(","):
-            variants.append((f"ours {args.config or C.DEFAULT_PRESET} {key}={value}",
-                             C.apply_overrides(C.clone(base), [f"{key}={value}"])))
-    else:
-        variants.append((f"ours {args.config or C.DEFAULT_PRESET}", base))
-
+    variants = _variants(args, base)
     steppers = []
     for _, cfg in variants:
         seed_everything(0)
@@ -111,22 +109,47 @@ def run(args) -> BenchResult:
              f"{args.iters} timed iterations (ResNet-50 rows: {args.r50_iters}) after {args.warmup} warmup; "
              f"rows interleaved in rounds"]
     if not args.no_r50:
-        size = base.model.min_size
-        r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}",
-                                           *R50_FROM_SCRATCH])
-        seed_everything(0)
-        ours = _Stepper(build_model(r50.model, k, r50.inference), batches)
-        seed_everything(0)
-        stock = _Stepper(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k + 1,
-                                                 min_size=size, max_size=base.model.max_size), batches)
-        r50_sec, tv = _seconds_per_step([ours, stock], 1, args.r50_iters, rounds=min(args.r50_iters, 3))
-        rows.append({"model": "ours r50_fpn_1x (from scratch)", "s/iter": r50_sec, "images/s": batch / r50_sec,
-                     "ratio": r50_sec / tv})
-        rows.append({"model": "torchvision fasterrcnn_resnet50_fpn", "s/iter": tv, "images/s": batch / tv, "ratio": 1.0})
+        rows += _r50_rows(base, k, batches, args.r50_iters)
         for row in rows[:len(variants)]:
-            row["vs stock r50"] = row["s/iter"] / tv
+            row["vs stock r50"] = row["s/iter"] / rows[-1]["s/iter"]
         notes.append("ratio: against the first row; for the ResNet-50 rows, ours / torchvision's stock model "
                      "at the same image size; vs stock r50: this row's s/iter / the stock model's")
     return BenchResult("training speed (CPU)" if not torch.cuda.is_available() else "training speed",
                        ["model", "s/iter", "images/s", "ratio"] + (["vs stock r50"] if not args.no_r50 else []),
                        rows, notes)
+
+
+def _variants(args, base) -> list[tuple[str, object]]:
+    """(row name, config) per timed model: the config, or one per value of ``--vary KEY=V1,V2``."""
+    from ioulab.detector import config as C
+
+    name = f"ours {args.config or C.DEFAULT_PRESET}"
+    if not args.vary:
+        return [(name, base)]
+    key, values = args.vary.split("=", 1)
+    return [(f"{name} {key}={value}", C.apply_overrides(C.clone(base), [f"{key}={value}"]))
+            for value in values.split(",")]
+
+
+def _r50_rows(base, k: int, batches, iters: int) -> list[dict]:
+    """Our r50_fpn_1x (from scratch) and torchvision's stock Faster R-CNN at ``base``'s image size,
+    interleaved: two rows, the stock model's last."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    from ioulab.detector import config as C
+    from ioulab.detector.engine.runtime import seed_everything
+    from ioulab.detector.model import build_model
+
+    size = base.model.min_size
+    batch = base.train.batch_size
+    r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}",
+                                       *R50_FROM_SCRATCH])
+    seed_everything(0)
+    ours = _Stepper(build_model(r50.model, k, r50.inference), batches)
+    seed_everything(0)
+    stock = _Stepper(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k + 1,
+                                             min_size=size, max_size=base.model.max_size), batches)
+    r50_sec, tv = _seconds_per_step([ours, stock], 1, iters, rounds=min(iters, 3))
+    return [{"model": "ours r50_fpn_1x (from scratch)", "s/iter": r50_sec, "images/s": batch / r50_sec,
+             "ratio": r50_sec / tv},
+            {"model": "torchvision fasterrcnn_resnet50_fpn", "s/iter": tv, "images/s": batch / tv, "ratio": 1.0}]

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted config override, repeatable (e.g. model.roi_heads.box_loss.type=giou)")
     p.add_argument("--out", default=None, help="run folder (default: runs/train-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--workers", type=_at_least_one, default=1, metavar="N",
+                   help="data-parallel worker processes on this machine (DDP: gloo on CPU, one GPU each "
+                        "on CUDA); train.batch_size is the global batch, split over them (default: 1)")
     add_tracking_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_smoke_test(p, "synthetic data of 12 images, a tiny model of the config's kind, 4 iterations")
@@ -30,6 +33,12 @@ def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
                    help="bound of each MLflow request; training waits at most this long per delivery "
                         "attempt when the server hangs (default: $MLFLOW_HTTP_REQUEST_TIMEOUT or 5)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _seconds(text: str) -> int:
@@ -111,7 +120,8 @@ def trained_line(result, wall: float) -> str:
 
 def run(args) -> int:
     from ioulab.detector.data.datasets import absolutize
-    from ioulab.detector.engine.train import resume_point, train
+    from ioulab.detector.engine.train import resume_point
+    from ioulab.platform.commands.launch import train_workers
     from ioulab.detector.model.build import pretrained_weights
 
     announce(args, "ioulab train")
@@ -127,7 +137,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     status = "FAILED"
     try:
-        result = train(cfg, out, logger=tracker, resume=args.resume, progress=not args.no_progress)
+        result = train_workers(cfg, out, args.workers, logger=tracker, resume=args.resume,
+                               progress=not args.no_progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"  # Ctrl-C: `--resume` continues from the last checkpoint

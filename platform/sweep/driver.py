@@ -318,6 +318,23 @@ def _check_resources(plan: Plan, allow_pending: bool) -> None:
     raise SweepError(f"{shortfall} (a CPU profile: --profile cpu; a cluster that adds nodes: --allow-pending)")
 
 
+def trial_concurrency(settings, cluster: dict[str, float] | None = None) -> int:
+    """Trials of a stage at a time: the space's ``concurrency``; for trials of N > 1 workers (which
+    reserve only a token CPU themselves) also at most as many as the cluster (``cluster``: Ray's
+    total resources, default ``ray.cluster_resources()``) holds worker groups of at once."""
+    r = settings.resources
+    if r.workers == 1:
+        return settings.concurrency
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    groups = cluster.get("CPU", 0) // (r.workers * r.cpu)
+    if r.gpu:
+        groups = min(groups, cluster.get("GPU", 0) // (r.workers * r.gpu))
+    return max(1, min(settings.concurrency, int(groups)))
+
+
 def _open_parent(plan: Plan, state: dict, uri: str, experiment: str, root: str):
     from ioulab.platform.tracking import MlflowRun
 
@@ -355,7 +372,8 @@ def _run_stage(stage: str, trainable, points: list[dict], ctx: dict, plan: Plan,
     fn = tune.with_resources(tune.with_parameters(trainable, driver_code=code_identity().to_json()),
                              settings.resources.as_tune())
     names = {point_name(stage, p): p for p in points}
-    ctx = {**ctx, "points": names}
+    ctx = {**ctx, "points": names, "resources": asdict(settings.resources),
+           "max_failures": plan.max_failures}
     path = storage.join(root, stage)
     if resume and tune.Tuner.can_restore(path):
         print(f"[ioulab] restoring the {stage} stage from {path}", flush=True)
@@ -373,7 +391,7 @@ def _run_stage(stage: str, trainable, points: list[dict], ctx: dict, plan: Plan,
         tuner = tune.Tuner(
             fn, param_space={"ioulab": ctx, "trial": tune.grid_search(list(names))},
             # A GPU trial gets a fresh actor: a reused one could keep the last trial's CUDA memory.
-            tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency,
+            tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(settings),
                                         reuse_actors=settings.resources.gpu == 0,
                                         scheduler=scheduler, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),

@@ -18,7 +18,8 @@ Schema (every key optional except a grid or variants)::
       - {model.roi_heads.box_loss.type: giou, model.roi_heads.box_loss.weight: 12.0}
     baseline: {model.roi_heads.box_loss.type: smooth_l1}   # default: the first point
     metric: AP                         # AP AP50 ... APl; mode: max | min
-    resources: {cpu: 1, gpu: 0}        # per trial; fractional GPUs allowed
+    resources: {cpu: 1, gpu: 0}        # per trial; fractional GPUs allowed; workers: N (training
+                                       # only): N DDP workers per trial, cpu/gpu per worker
     concurrency: 2                     # trials at a time
     max_failures: 2                    # retries of a trial (node loss, crash) from its checkpoint
     early_stopping: {type: asha, grace_period: 200, reduction_factor: 2}   # needs train.eval_period
@@ -49,7 +50,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,7 +71,7 @@ TOP_KEYS = ("name", "description", "base", "set", "grid", "variants", "baseline"
 PROFILE_KEYS = ("base", "set", "grid", "variants", "baseline", "resources", "concurrency", "max_failures",
                 "early_stopping", "checkpoint", "train", "eval", "description", "keep_checkpoints")
 STAGE_KEYS = {"train": ("set", "resources", "concurrency"), "eval": ("resources", "concurrency")}
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "workers")
 EARLY_STOPPING_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 PAPER_KEYS = ("source", "rows")
 PAPER_ROW_KEYS = ("variant", "delta", *METRICS)
@@ -81,12 +82,23 @@ class SpaceError(UserError, ValueError):
     """The space file is invalid; the message names the file and the key."""
 
 
+# What a trial of N > 1 workers reserves itself: Ray refuses a zero-resource trial ("empty head and
+# zero worker bundles"); its workers reserve the real resources (platform/sweep/ddp_trial.py), so
+# the trial never holds a GPU while its workers wait for theirs.
+DDP_TRIAL_CPU = 0.01
+
+
 @dataclass
 class Resources:
+    """Per worker; ``workers`` > 1: one trial is that many DDP workers (Ray Train)."""
+
     cpu: float = 1.0
     gpu: float = 0.0
+    workers: int = 1
 
     def as_tune(self) -> dict[str, float]:
+        if self.workers > 1:
+            return {"cpu": DDP_TRIAL_CPU, "gpu": 0}
         return {"cpu": self.cpu, "gpu": self.gpu}
 
 
@@ -233,7 +245,21 @@ def _resources(value: Any, where: str, default: Resources) -> Resources:
     gpu = _number(data.get("gpu", default.gpu), f"{where}.gpu", 0)
     if gpu > 1 and not float(gpu).is_integer():
         raise SpaceError(f"{where}.gpu: fractions are only allowed below 1 GPU, got {gpu!r}")
-    return Resources(cpu, gpu)
+    return Resources(cpu, gpu, _integer(data.get("workers", default.workers), f"{where}.workers", 1))
+
+
+def _stage_resources(stage: str, body: dict, inherited: Resources, where: str) -> Resources:
+    """The resources of ``stage`` (its own ``resources``, else the top level's). ``workers`` is for
+    training: an evaluation runs in one process (inherited workers do not apply to it)."""
+    if stage == "eval":
+        inherited = replace(inherited, workers=1)
+    if "resources" not in body:
+        return inherited
+    resources = _resources(body["resources"], f"{where}: {stage}.resources", inherited)
+    if stage == "eval" and resources.workers > 1:
+        raise SpaceError(f"{where}: eval.resources.workers: an evaluation trial runs in one process; "
+                         f"give workers: {resources.workers} under train.resources instead")
+    return resources
 
 
 def _overrides(value: Any, where: str) -> dict[str, Any]:
@@ -474,7 +500,7 @@ def _stages(data: dict, where: str) -> tuple[dict[str, StageSettings], dict[str,
         body = _mapping(data.get(stage), f"{where}: {stage}")
         _check_keys(body, allowed, f"{where}: {stage}")
         stages[stage] = StageSettings(
-            _resources(body.get("resources"), f"{where}: {stage}.resources", resources) if "resources" in body else resources,
+            _stage_resources(stage, body, resources, where),
             _integer(body.get("concurrency", concurrency), f"{where}: {stage}.concurrency", 1))
         if stage == "train":
             stage_set = _overrides(body.get("set"), f"{where}: train.set")

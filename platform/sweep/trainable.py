@@ -136,14 +136,14 @@ def open_trial_run(ctx: dict, point: dict, trial_id: str, extra_tags: dict[str, 
     return tracker
 
 
-def _restore_checkpoint(out_dir: Path, tracker: MlflowRun) -> int:
-    """Continue from the trial's last Tune checkpoint: its model file goes into
-    ``out_dir/checkpoints`` (anything newer there is removed, so the run continues exactly that
-    checkpoint) and its undelivered MLflow records are queued again. Returns its iteration."""
+def _restore_checkpoint(out_dir: Path, tracker: MlflowRun, checkpoint) -> int:
+    """Continue from ``checkpoint`` (the trial's last Tune or Train checkpoint, or None): its model
+    file goes into ``out_dir/checkpoints`` (anything newer there is removed, so the run continues
+    exactly that checkpoint) and its undelivered MLflow records are queued again. Returns its
+    iteration."""
     ckpt_dir = out_dir / "checkpoints"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
-    checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return 0
     try:
@@ -164,10 +164,11 @@ def _restore_checkpoint(out_dir: Path, tracker: MlflowRun) -> int:
 
 
 def _report(result: dict[str, Any], tracker: MlflowRun, model_file: Path | None = None,
-            final: bool = False) -> None:
+            final: bool = False, api=tune) -> None:
     """``tune.report`` with a checkpoint folder: the model file (hard link, no copy), the MLflow
     records still pending, and for the last report of a trial ``final.json`` (a restore that finds
-    it re-reports the result instead of running the trial again)."""
+    it re-reports the result instead of running the trial again). ``api``: ``ray.train`` inside
+    the workers of a multi-worker trial (platform/sweep/ddp_trial.py)."""
     with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".report-") as d:
         d = Path(d)
         if model_file is not None:
@@ -178,7 +179,7 @@ def _report(result: dict[str, Any], tracker: MlflowRun, model_file: Path | None 
         (d / PENDING_FILE).write_text(json.dumps(tracker.pending_records()))
         if final:
             (d / FINAL_FILE).write_text(json.dumps(result))
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(d)))
+        api.report(result, checkpoint=api.Checkpoint.from_directory(str(d)))
 
 
 def _finished_result(ctx: dict, point: dict, trial_id: str) -> dict | None:
@@ -249,6 +250,10 @@ def train_trial(config: dict, driver_code: dict | None = None) -> None:
     cfg = C.from_dict(ctx["config"], source="sweep config")
     C.apply_overrides(cfg, dict(point["overrides"]), source="sweep grid point")
     C.validate(cfg)  # as ioulab train (the driver checked it too, before Ray started)
+    if ctx.get("resources", {}).get("workers", 1) > 1:
+        from ioulab.platform.sweep.ddp_trial import train_ddp_trial
+
+        return train_ddp_trial(cfg, ctx, point, trial_id, started)
     gpus = gpu_assignment()
     device = place_trial(cfg.train.device, gpus["gpu_share"])
     if device != resolve_device(cfg.train.device).type:  # "auto" would take a GPU Ray did not give it
@@ -257,7 +262,7 @@ def train_trial(config: dict, driver_code: dict | None = None) -> None:
     placement = mlflow_names.placement_tags(node, device, gpus["gpu_ids"], gpus["gpu_share"])
     tracker = open_trial_run(ctx, point, trial_id, {**placement, mlflow_names.RUN_DIR: str(out_dir)})
     logger = _TeeLogger(tracker)
-    start_iteration = _restore_checkpoint(out_dir, tracker)
+    start_iteration = _restore_checkpoint(out_dir, tracker, tune.get_checkpoint())
     base = {"node_id": node, "stage": "train", "point_index": point["index"], "final": 0,
             "device": device, **gpus}
 
