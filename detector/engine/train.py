@@ -29,7 +29,7 @@ from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine.amp import amp_policy
 from ioulab.detector.data.datasets import build_datasets
-from ioulab.detector.engine import distributed as D
+from ioulab.detector.engine import distributed
 from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS
 from ioulab.detector.engine.events import NullLogger, RunLogger
 from ioulab.detector.engine.runtime import resolve_device, seed_everything  # noqa: F401  (re-exported)
@@ -171,7 +171,7 @@ class Session:
 
     cfg: C.Config
     out_dir: Path
-    world: D.World
+    world: distributed.World
     device: torch.device
     model: torch.nn.Module          # the detector itself: state dicts, losses, evaluation
     forward: torch.nn.Module        # what the steps call: ``model``, or DDP over it
@@ -188,14 +188,14 @@ class Session:
     logger: RunLogger = field(default_factory=NullLogger)
 
 
-def build_session(cfg: C.Config, out_dir: Path, world: D.World, logger: RunLogger) -> Session:
+def build_session(cfg: C.Config, out_dir: Path, world: distributed.World, logger: RunLogger) -> Session:
     """Data, model, optimizer, LR schedule and AMP of ``cfg``, seeded by ``train.seed`` (every rank
     builds the same initial model; rank r > 0 then draws from its own seed)."""
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     seed_everything(tcfg.seed)
     train_set, val_set = build_datasets(cfg.data)
-    D.per_rank_batch(tcfg.batch_size, world)  # a batch that does not split fails before training
+    distributed.per_rank_batch(tcfg.batch_size, world)  # a batch that does not split fails before training
     num_classes = cfg.model.num_classes or train_set.num_classes
     model = build_model(cfg.model, num_classes, cfg.inference).to(device)
     optimizer = build_optimizer(model, tcfg)
@@ -230,7 +230,7 @@ def restore(s: Session, resume: bool) -> None:
     latest, state = None, None
     if s.world.is_main:
         latest, state = resume_point(s.cfg, s.out_dir, resume, s.device, verbose=True)
-    latest, state = D.broadcast_from_main((latest, state), s.world)
+    latest, state = distributed.broadcast_from_main((latest, state), s.world)
     s.latest = latest
     if state is None:
         return
@@ -263,7 +263,7 @@ def step(s: Session, it: int, images: list[torch.Tensor], targets: list[dict]
     with s.amp.autocast():
         terms = s.forward(images, targets)
     weighted = s.model.weighted_losses(terms)
-    if not D.all_finite(list(weighted.values()), s.world):
+    if not distributed.all_finite(list(weighted.values()), s.world):
         bad = [(k, v.item()) for k, v in weighted.items() if not torch.isfinite(v)]
         where = f"loss term {bad[0][0]!r} is {bad[0][1]}" if bad else \
             f"the loss of another of {s.world.size} workers is not finite"
@@ -288,7 +288,7 @@ def log_step(s: Session, step_no: int, terms: dict, weighted: dict, loss: torch.
     values |= {f"loss/{k.removeprefix('loss_')}_weighted": v for k, v in weighted.items()}
     values |= {f"stat/{k}": v for k, v in terms.items() if k not in weighted}
     values["loss/total"] = loss
-    record = D.mean_over_ranks(values, s.world) | {"lr": s.optimizer.param_groups[0]["lr"]}
+    record = distributed.mean_over_ranks(values, s.world) | {"lr": s.optimizer.param_groups[0]["lr"]}
     if not s.world.is_main:
         return
     s.logger.log_metrics(record, step_no)
@@ -301,7 +301,7 @@ def save_checkpoint(s: Session, iteration: int) -> Path:
     """Rank 0 writes ``checkpoints/model_XXXXXXX.pth`` atomically (every rank's RNG state in it)
     and prunes old ones; every rank returns its path once it exists."""
     path = ckpt_io.checkpoint_path(s.out_dir / "checkpoints", iteration)
-    rng_ranks = D.gather_to_main(ckpt_io.rng_state(), s.world)
+    rng_ranks = distributed.gather_to_main(ckpt_io.rng_state(), s.world)
     if s.world.is_main:
         state = {
             "format": ckpt_io.FORMAT, "iteration": iteration, "config": C.to_dict(s.cfg),
@@ -311,14 +311,14 @@ def save_checkpoint(s: Session, iteration: int) -> Path:
             state["rng_ranks"] = rng_ranks
         ckpt_io.save_atomic(state, path)
         ckpt_io.prune(path.parent, s.cfg.train.keep_checkpoints)
-    D.barrier(s.world)
+    distributed.barrier(s.world)
     return path
 
 
 def evaluate(s: Session, out_dir: Path | None = None, progress: bool = False) -> dict[str, float]:
     """Validation metrics of the current weights, the images split over the ranks (same metrics
     as one process); ``out_dir``: rank 0 writes the EVAL_ARTIFACTS there."""
-    metrics = D.evaluate_sharded(s.model, s.val_set, s.dataset_info["label_to_cat_id"], s.cfg.inference,
+    metrics = distributed.evaluate_sharded(s.model, s.val_set, s.dataset_info["label_to_cat_id"], s.cfg.inference,
                                  s.device, s.world, num_workers=s.cfg.data.num_workers, out_dir=out_dir,
                                  progress=progress, amp=s.amp)
     s.model.train()
@@ -350,10 +350,10 @@ def train(cfg: C.Config, out_dir: str | Path, *, logger: RunLogger | None = None
     calls it with the same arguments; ``logger`` and files are rank 0's, ``on_checkpoint`` is
     called on every rank at the same iterations.
     """
-    world = D.World.current()
+    world = distributed.World.current()
     s = build_session(cfg, Path(out_dir).resolve(), world, logger or NullLogger())
     restore(s, resume)
-    s.forward = D.wrap_model(s.model, world, s.device)
+    s.forward = distributed.wrap_model(s.model, world, s.device)
     tcfg = cfg.train
     if world.is_main:
         s.out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def _group_member(rank: int, world: int, port: int, cfg_dict: dict, commands, re
     import torch.distributed as dist
 
     from ioulab.detector.data.loader import InfiniteLoader
-    from ioulab.detector.engine import distributed as D
+    from ioulab.detector.engine import distributed
     from ioulab.detector.data.datasets import build_datasets
     from ioulab.detector.engine.runtime import seed_everything
     from ioulab.detector.model import build_model
@@ -47,7 +47,7 @@ def _group_member(rank: int, world: int, port: int, cfg_dict: dict, commands, re
     batches = [next(stream) for _ in range(NUM_BATCHES)]
     seed_everything(0)
     model = build_model(cfg.model, train_set.num_classes, cfg.inference)
-    stepper = _Stepper(D.wrap_model(model, D.World(rank, world), torch.device("cpu")), batches)
+    stepper = _Stepper(distributed.wrap_model(model, distributed.World(rank, world), torch.device("cpu")), batches)
     stepper.weights = model.loss_weights
     results.put(("ready", rank))
     for n in iter(commands[rank].get, None):

@@ -16,7 +16,7 @@ import statistics
 
 import numpy as np
 
-from ioulab.detector.engine import erroranalysis as EA
+from ioulab.detector.engine import erroranalysis
 from ioulab.detector.engine.cocoeval import RECALL_THRESHOLDS
 from ioulab.platform import mlflow_names
 from ioulab.platform.report import charts
@@ -32,8 +32,8 @@ CLASS_ROWS = 5           # gains and losses shown each (all classes when there a
 class ErrorStore(MatchStore):
     """The logged :class:`~ioulab.detector.engine.erroranalysis.ErrorAnalysis` of each run."""
 
-    artifact = EA.ERRORS_FILE
-    read = staticmethod(EA.ErrorAnalysis.load)
+    artifact = erroranalysis.ERRORS_FILE
+    read = staticmethod(erroranalysis.ErrorAnalysis.load)
 
 
 def _cell(v: Variant, base: Variant | None, metric: str, digits: int = 1) -> tuple[str, str]:
@@ -136,13 +136,14 @@ def where_section(results: ResultsTable, fetch) -> Section | None:
     base = results.baseline if results.baseline in rows else None
     section = Section(TITLE)
     section.tables.append(("TIDE-style errors: ΔAP50 if every error of a type were fixed (Δ vs baseline)",
-                           breakdown_table(rows, base, [prefix + k for k in EA.TIDE_TYPES], list(EA.TIDE_TYPES))))
+                           breakdown_table(rows, base, [prefix + k for k in erroranalysis.TIDE_TYPES],
+                                           list(erroranalysis.TIDE_TYPES))))
     section.tables.append(("Error counts (false positives by type; missed objects)",
-                           breakdown_table(rows, base, [f"{prefix}n_{k}" for k in EA.TIDE_TYPES],
-                                           list(EA.TIDE_TYPES), digits=0)))
+                           breakdown_table(rows, base, [f"{prefix}n_{k}" for k in erroranalysis.TIDE_TYPES],
+                                           list(erroranalysis.TIDE_TYPES), digits=0)))
     section.tables.append(("COCO error analysis: AP as each kind of error is forgiven (Δ vs baseline)",
-                           breakdown_table(rows, base, [f"{prefix}coco_{k.lower()}" for k in EA.COCO_STEPS],
-                                           list(EA.COCO_STEPS))))
+                           breakdown_table(rows, base, [f"{prefix}coco_{k.lower()}" for k in erroranalysis.COCO_STEPS],
+                                           list(erroranalysis.COCO_STEPS))))
     section.notes += localization_verdict(rows, base, results)
     best = results.best if results.best in rows else None
     if base is not None and best is not None:
@@ -151,14 +152,14 @@ def where_section(results: ResultsTable, fetch) -> Section | None:
             section.tables.append((f"Per-class ΔAP: {best.name} (best) − {base.name} (baseline)",
                                    class_table(base_mean[0], best_mean[0])))
             recall = RECALL_THRESHOLDS.tolist()
-            fig = EA.curves_figure({f"{base.name} (baseline)": (recall, base_mean[1]),
+            fig = erroranalysis.curves_figure({f"{base.name} (baseline)": (recall, base_mean[1]),
                                     f"{best.name} (best)": (recall, best_mean[1])},
                                    "precision-recall at IoU 0.9 (mean over classes)")
             section.charts.append(Chart(CHART_STEM, "Precision-recall at IoU 0.9: baseline and best",
                                         charts.png_bytes(fig)))
         else:
             section.notes.append("Per-class ΔAP and PR curves: the baseline's or best variant's runs "
-                                 f"have no {EA.ERRORS_FILE} artifact.")
+                                 f"have no {erroranalysis.ERRORS_FILE} artifact.")
     section.notes += [
         "TIDE-style (Bolya et al., ECCV 2020) at IoU .5 (background below .1): cls = right box, wrong class; "
         "loc = right class, IoU in [.1, .5); both = wrong class and badly placed; dupe = a second box on "

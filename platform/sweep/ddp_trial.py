@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from ioulab.detector import config as C
 from ioulab.platform import mlflow_names
-from ioulab.platform.sweep import trainable as T
+from ioulab.platform.sweep import trainable
 
 
 def scaling_config(resources: dict) -> ray.train.ScalingConfig:
@@ -78,7 +78,7 @@ def _restore(out_dir: Path, tracker) -> int:
     print(f"[ioulab] worker group starts: Ray Train checkpoint {checkpoint}, local {local}", flush=True)
     if checkpoint is None and local is not None:
         return ckpt_io.checkpoint_iteration(local)
-    return T._restore_checkpoint(out_dir, tracker, checkpoint)
+    return trainable._restore_checkpoint(out_dir, tracker, checkpoint)
 
 
 def _worker_loop(config: dict) -> None:
@@ -86,7 +86,7 @@ def _worker_loop(config: dict) -> None:
     from ioulab.detector.engine.train import train
 
     rank = ray.train.get_context().get_world_rank()
-    T._use_assigned_cpus()
+    trainable._use_assigned_cpus()
     ctx, point, trial_id = config["ctx"], config["point"], config["trial_id"]
     cfg = C.from_dict(config["cfg"], source="sweep trial")
     cfg.train.device = _device(ctx["resources"])
@@ -94,19 +94,20 @@ def _worker_loop(config: dict) -> None:
     tracker = logger = None
     start = 0
     if rank == 0:
-        gpus = T.gpu_assignment()
-        tags = {**mlflow_names.placement_tags(T._node_id(), cfg.train.device, gpus["gpu_ids"], gpus["gpu_share"]),
+        gpus = trainable.gpu_assignment()
+        tags = {**mlflow_names.placement_tags(trainable._node_id(), cfg.train.device, gpus["gpu_ids"],
+                                              gpus["gpu_share"]),
                 mlflow_names.RUN_DIR: str(out_dir)}
-        tracker = T.open_trial_run(ctx, point, trial_id, tags)
-        logger = T._TeeLogger(tracker)
+        tracker = trainable.open_trial_run(ctx, point, trial_id, tags)
+        logger = trainable._TeeLogger(tracker)
         start = _restore(out_dir, tracker)
-    base = {"node_id": T._node_id(), "stage": "train", "point_index": point["index"], "final": 0,
+    base = {"node_id": trainable._node_id(), "stage": "train", "point_index": point["index"], "final": 0,
             "device": cfg.train.device, "workers": ctx["resources"]["workers"]}
 
     def report(result: dict, model_file: Path | None, final: bool = False) -> None:
         if rank == 0:
             losses = {k: v for k, v in logger.latest.items() if mlflow_names.is_loss(k)}
-            T._report({**losses, **result}, tracker, model_file, final=final, api=ray.train)
+            trainable._report({**losses, **result}, tracker, model_file, final=final, api=ray.train)
         else:
             ray.train.report(result, checkpoint=None)
 

@@ -52,12 +52,12 @@ def test_train_then_eval_logs_to_sqlite_mlflow(synth_root, tmp_path):
 
 def test_print_errors_after_the_metrics(tmp_path, capsys):
     """What `ioulab eval` prints from the evaluation's errors.json (none written: nothing printed)."""
-    from ioulab.detector.engine import erroranalysis as EA
+    from ioulab.detector.engine import erroranalysis
     from ioulab.platform.commands.train import print_errors, print_metrics
     from tests.detector.engine.test_erroranalysis import handmade
 
-    analysis = EA.analyze(*handmade())
-    EA.write(tmp_path, analysis)
+    analysis = erroranalysis.analyze(*handmade())
+    erroranalysis.write(tmp_path, analysis)
     print_metrics({"AP": 40.0, **analysis.metrics()})
     print_errors(tmp_path)
     print_errors(tmp_path / "missing")

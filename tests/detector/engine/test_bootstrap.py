@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ioulab.detector.engine import bootstrap
-from ioulab.detector.engine import cocoeval as CE
+from ioulab.detector.engine import cocoeval
 from ioulab.platform.bench.eval import synthetic_eval_set
 
 METRICS = ("AP", "AP50", "AP75")
@@ -12,7 +12,7 @@ METRICS = ("AP", "AP50", "AP75")
 @pytest.fixture(scope="module")
 def bench_set():
     gt, det_a, det_b = synthetic_eval_set(120, 8, 40, seed=7)
-    return gt, det_a, det_b, CE.match(gt, [dict(d) for d in det_a]), CE.match(gt, [dict(d) for d in det_b])
+    return gt, det_a, det_b, cocoeval.match(gt, [dict(d) for d in det_a]), cocoeval.match(gt, [dict(d) for d in det_b])
 
 
 def _ground_truth_on_half(gt, dets):
@@ -37,7 +37,7 @@ def test_identical_detections_give_an_interval_around_zero(bench_set):
 @pytest.mark.timeout(60)
 def test_clearly_better_variant_excludes_zero(bench_set):
     gt, det_a, _, m_a, _ = bench_set
-    better = CE.match(gt, _ground_truth_on_half(gt, det_a))
+    better = cocoeval.match(gt, _ground_truth_on_half(gt, det_a))
     res = bootstrap.paired_bootstrap(m_a, better, METRICS, resamples=200, seed=0)
     for key in METRICS:
         assert res[key].delta > 0 and res[key].low > 0 and res[key].excludes_zero, key
@@ -47,7 +47,7 @@ def test_clearly_better_variant_excludes_zero(bench_set):
 def test_point_estimate_is_the_metric_difference(bench_set):
     gt, det_a, det_b, m_a, m_b = bench_set
     res = bootstrap.paired_bootstrap(m_a, m_b, METRICS, resamples=50, seed=0)
-    a, b = CE.evaluate(gt, [dict(d) for d in det_a]), CE.evaluate(gt, [dict(d) for d in det_b])
+    a, b = cocoeval.evaluate(gt, [dict(d) for d in det_a]), cocoeval.evaluate(gt, [dict(d) for d in det_b])
     for key in METRICS:
         assert res[key].delta == pytest.approx(b[key] - a[key], abs=1e-9)
         assert res[key].low <= res[key].high
@@ -82,7 +82,7 @@ def test_two_level_bootstrap_widens_with_seed_noise(bench_set):
     for s in range(2):  # other "seeds": scores reshuffled on a random third of the images
         ids = set(rng.choice([img["id"] for img in gt["images"]], len(gt["images"]) // 3, replace=False))
         dets = [{**d, "score": float(rng.uniform())} if d["image_id"] in ids else dict(d) for d in det_b]
-        seeds_b.append(CE.match(gt, dets))
+        seeds_b.append(cocoeval.match(gt, dets))
     one = bootstrap.paired_bootstrap(m_a, m_b, ("AP",), resamples=200, seed=0)["AP"]
     multi = bootstrap.paired_bootstrap([m_a, m_a, m_a], seeds_b, ("AP",), resamples=200, seed=0)["AP"]
     assert multi.half_width > one.half_width
@@ -92,7 +92,7 @@ def test_different_images_are_refused(bench_set):
     gt, det_a, _, m_a, _ = bench_set
     other = dict(gt, images=gt["images"][:-1],
                  annotations=[a for a in gt["annotations"] if a["image_id"] != gt["images"][-1]["id"]])
-    m_other = CE.match(other, [d for d in det_a if d["image_id"] != gt["images"][-1]["id"]])
+    m_other = cocoeval.match(other, [d for d in det_a if d["image_id"] != gt["images"][-1]["id"]])
     with pytest.raises(bootstrap.BootstrapError, match="same images"):
         bootstrap.paired_bootstrap(m_a, m_other, ("AP",), resamples=10)
 

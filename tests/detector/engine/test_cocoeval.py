@@ -8,7 +8,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ioulab.detector.engine import cocoeval as CE
+from ioulab.detector.engine import cocoeval
 from ioulab.platform.bench.eval import pycocotools_metrics, synthetic_eval_set
 
 BACKENDS = ("fast", "pycocotools", "ours")
@@ -49,9 +49,9 @@ def _random_set(seed, num_images=25, with_crowd=True, round_scores=True):
 
 def _check(gt, dets, backend):
     ref = pycocotools_metrics(gt, dets)
-    ours = CE.evaluate(gt, [dict(d) for d in dets], backend=backend)
-    assert set(ours) == set(CE.METRIC_KEYS)
-    for key in CE.METRIC_KEYS:
+    ours = cocoeval.evaluate(gt, [dict(d) for d in dets], backend=backend)
+    assert set(ours) == set(cocoeval.METRIC_KEYS)
+    for key in cocoeval.METRIC_KEYS:
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
     return ours
 
@@ -97,8 +97,8 @@ def test_category_without_detections_and_crowd_only_image(backend):
 
 def test_no_detections_scores_zero():
     gt, _ = _random_set(0)
-    assert CE.evaluate(gt, []) == {k: 0.0 for k in CE.METRIC_KEYS}
-    acc = CE.Accumulator(CE.match(gt, []))
+    assert cocoeval.evaluate(gt, []) == {k: 0.0 for k in cocoeval.METRIC_KEYS}
+    acc = cocoeval.Accumulator(cocoeval.match(gt, []))
     assert all(float(v[0]) == 0.0 for v in acc().values())
 
 
@@ -133,30 +133,30 @@ def _expanded(gt, dets, counts):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_image_weights_equal_evaluating_the_resampled_images(seed):
     gt, dets = _random_set(seed, round_scores=False)   # distinct scores: the order is unambiguous
-    matches = CE.match(gt, [dict(d) for d in dets], areas=CE.AREA_NAMES)
+    matches = cocoeval.match(gt, [dict(d) for d in dets], areas=cocoeval.AREA_NAMES)
     counts = np.random.default_rng(seed).multinomial(len(gt["images"]), np.full(len(gt["images"]), 1 / len(gt["images"])))
-    weighted = CE.Accumulator(matches)(counts[None, :])
+    weighted = cocoeval.Accumulator(matches)(counts[None, :])
     ref = pycocotools_metrics(*_expanded(gt, dets, counts))
-    for key in CE.METRIC_KEYS:
+    for key in cocoeval.METRIC_KEYS:
         assert float(weighted[key][0]) == pytest.approx(ref[key], abs=1e-6), key
 
 
 def test_matches_save_load_roundtrip(tmp_path):
     gt, dets = _random_set(1)
-    m = CE.match(gt, dets, areas=CE.AREA_NAMES)
+    m = cocoeval.match(gt, dets, areas=cocoeval.AREA_NAMES)
     m.save(tmp_path / "m.npz")
-    back = CE.Matches.load(tmp_path / "m.npz")
+    back = cocoeval.Matches.load(tmp_path / "m.npz")
     assert back.image_ids == m.image_ids and back.category_ids == m.category_ids and back.gt_digest == m.gt_digest
     for a, b in zip(m.areas, back.areas):
         for name in ("category", "image", "score", "tp", "ignored", "num_gt"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    assert CE.Accumulator(back)()["AP"][0] == CE.Accumulator(m)()["AP"][0]
+    assert cocoeval.Accumulator(back)()["AP"][0] == cocoeval.Accumulator(m)()["AP"][0]
 
 
 def test_area_not_matched_is_refused():
     gt, dets = _random_set(0)
     with pytest.raises(ValueError, match="small"):
-        CE.Accumulator(CE.match(gt, dets), metrics=("APs",))
+        cocoeval.Accumulator(cocoeval.match(gt, dets), metrics=("APs",))
 
 
 def test_metrics_from_precision_reads_cocoeval():
@@ -167,7 +167,7 @@ def test_metrics_from_precision_reads_cocoeval():
         coco.createIndex()
         ev = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
         ev.evaluate(), ev.accumulate(), ev.summarize()
-    m = CE.metrics_from_precision(ev.eval["precision"])
+    m = cocoeval.metrics_from_precision(ev.eval["precision"])
     assert m["AP"] == pytest.approx(100 * ev.stats[0]) and m["AP75"] == pytest.approx(100 * ev.stats[2])
 
 
@@ -175,13 +175,14 @@ def test_detections_are_left_untouched():
     gt, dets = _random_set(0)
     before = [dict(d) for d in dets]
     for backend in BACKENDS:
-        CE.evaluate(gt, dets, backend=backend)
-    CE.match(gt, dets)
+        cocoeval.evaluate(gt, dets, backend=backend)
+    cocoeval.match(gt, dets)
     assert dets == before
 
 
 def test_recall_threshold_counting_is_exact():
-    r = np.clip(np.r_[CE.RECALL_THRESHOLDS, np.nextafter(CE.RECALL_THRESHOLDS, -1),
-                      np.nextafter(CE.RECALL_THRESHOLDS, 2), np.arange(1001) / 1000, 7 / 100, 29 / 100,
+    r = np.clip(np.r_[cocoeval.RECALL_THRESHOLDS, np.nextafter(cocoeval.RECALL_THRESHOLDS, -1),
+                      np.nextafter(cocoeval.RECALL_THRESHOLDS, 2), np.arange(1001) / 1000, 7 / 100, 29 / 100,
                       np.random.default_rng(0).uniform(size=10000)], 0, 1)
-    np.testing.assert_array_equal(CE._thresholds_reached(r), np.searchsorted(CE.RECALL_THRESHOLDS, r, side="right"))
+    np.testing.assert_array_equal(cocoeval._thresholds_reached(r),
+                                  np.searchsorted(cocoeval.RECALL_THRESHOLDS, r, side="right"))

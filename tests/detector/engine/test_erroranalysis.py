@@ -4,7 +4,7 @@ per-category precision; the files an evaluation writes."""
 import numpy as np
 import pytest
 
-from ioulab.detector.engine import erroranalysis as EA
+from ioulab.detector.engine import erroranalysis
 from ioulab.detector.engine.cocoeval import pycocotools_eval
 
 BOX = [10.0, 10.0, 40.0, 40.0]   # xywh, area 1600
@@ -59,7 +59,7 @@ MISS_FIXED = _pct(26 + 25 * 2 / 5 + 101)
 
 def test_each_error_type_is_attributed_once():
     gt, dets = handmade()
-    result = EA.analyze(gt, dets)
+    result = erroranalysis.analyze(gt, dets)
     assert result.tide_count == {"cls": 1, "loc": 1, "both": 0, "dupe": 1, "bkg": 1, "miss": 1}
     assert result.base_ap50 == pytest.approx(BASE, abs=1e-3)
     expected = {"cls": CLS_FIXED - BASE, "loc": LOC_FIXED - BASE, "both": 0.0,
@@ -69,7 +69,7 @@ def test_each_error_type_is_attributed_once():
 
 def test_coco_analysis_steps_by_hand():
     gt, dets = handmade()
-    coco = EA.analyze(gt, dets).coco
+    coco = erroranalysis.analyze(gt, dets).coco
     # C75 = C50 (the TPs are exact); Loc (IoU .1): the loc box becomes a's TP 2 (as LOC_FIXED);
     # Sim = Oth = Loc: the cls box sits on an a-object and b's curve ends before it anyway;
     # BG: precision 1 up to each class's recall (a .75: 76 thresholds, b .5: 51); FN: 100.
@@ -83,7 +83,7 @@ def test_a_box_of_another_supercategory_is_removed_by_oth_not_sim():
     gt, _ = handmade()
     gt["categories"][1]["supercategory"] = "other"
     dets = [_det(2, 2, BOX, 0.95), _det(6, 2, BOX, 0.9), _det(1, 1, BOX, 0.9)]
-    coco = EA.analyze(gt, dets).coco
+    coco = erroranalysis.analyze(gt, dets).coco
     a = 26   # a: one of four objects, precision 1
     assert coco["Sim"] == pytest.approx(_pct(a + 51 * 1 / 2), abs=1e-3)   # b: FP then TP -> 1/2
     assert coco["Oth"] == pytest.approx(_pct(a + 51), abs=1e-3)
@@ -92,10 +92,10 @@ def test_a_box_of_another_supercategory_is_removed_by_oth_not_sim():
 def test_both_error_and_empty_detections():
     gt, _ = handmade()
     # a b-box at IoU .3 with the a-object of image 1: wrong class and badly placed
-    result = EA.analyze(gt, [_det(1, 2, [10.0, 10.0, 40.0, 12.0], 0.9), _det(6, 2, BOX, 0.8)])
+    result = erroranalysis.analyze(gt, [_det(1, 2, [10.0, 10.0, 40.0, 12.0], 0.9), _det(6, 2, BOX, 0.8)])
     assert result.tide_count["both"] == 1 and result.tide_count["cls"] == 0
     assert result.tide_delta["both"] > 0
-    empty = EA.analyze(gt, [])
+    empty = erroranalysis.analyze(gt, [])
     assert empty.tide_count["miss"] == 6 and empty.class_ap == {"a": 0.0, "b": 0.0}
     assert empty.coco["FN"] == 100.0 and empty.coco["C50"] == 0.0
 
@@ -114,7 +114,7 @@ def test_class_ap_equals_cocoeval_per_category_precision():
             for _ in range(rng.integers(0, 3)):
                 noisy = (np.array(box) * (1 + rng.normal(0, 0.15, 4))).tolist()
                 dets.append(_det(i, int(rng.choice([1, 2, 7])), noisy, float(rng.uniform())))
-    result = EA.analyze(gt, dets)
+    result = erroranalysis.analyze(gt, dets)
     p = pycocotools_eval(gt, dets).eval["precision"][:, :, :, 0, -1]   # [T, R, K], pycocotools
     for k, name in enumerate(["c1", "c2"]):
         assert result.class_ap[name] == pytest.approx(100 * p[:, :, k].mean(), abs=1e-3)
@@ -126,10 +126,10 @@ def test_class_ap_equals_cocoeval_per_category_precision():
 
 def test_files_and_metric_names(tmp_path):
     gt, dets = handmade()
-    result = EA.analyze(gt, dets)
-    EA.write(tmp_path, result)
-    assert EA.ErrorAnalysis.load(tmp_path / EA.ERRORS_FILE) == result
-    assert (tmp_path / EA.CURVES_FILE).read_bytes()[:4] == b"\x89PNG"
+    result = erroranalysis.analyze(gt, dets)
+    erroranalysis.write(tmp_path, result)
+    assert erroranalysis.ErrorAnalysis.load(tmp_path / erroranalysis.ERRORS_FILE) == result
+    assert (tmp_path / erroranalysis.CURVES_FILE).read_bytes()[:4] == b"\x89PNG"
     metrics = result.metrics()
     assert metrics["err/loc"] == result.tide_delta["loc"] and metrics["err/n_miss"] == 1.0
     assert metrics["err/coco_bg"] == result.coco["BG"]
@@ -141,5 +141,6 @@ def test_metric_prefix_is_the_naming_contracts():
     contract (platform/mlflow_names.py) documents the same prefix."""
     from ioulab.platform import mlflow_names
 
-    assert EA.METRIC_PREFIX == mlflow_names.ERROR_PREFIX
-    assert all(mlflow_names.is_error(m) for m in EA.METRIC_NAMES) and len(set(EA.METRIC_NAMES)) == 19
+    assert erroranalysis.METRIC_PREFIX == mlflow_names.ERROR_PREFIX
+    assert all(mlflow_names.is_error(m) for m in erroranalysis.METRIC_NAMES)
+    assert len(set(erroranalysis.METRIC_NAMES)) == 19

@@ -85,7 +85,7 @@ def matched_variants(folder) -> dict[str, list[tuple[dict, object]]]:
     """{box loss: [(metrics, path of eval_matches.npz) per seed]} from the synthetic bench set."""
     import numpy as np
 
-    from ioulab.detector.engine import cocoeval as CE
+    from ioulab.detector.engine import cocoeval
     from ioulab.platform.bench.eval import synthetic_eval_set
 
     gt, dets, _ = synthetic_eval_set(80, 6, 30, seed=11)
@@ -101,6 +101,6 @@ def matched_variants(folder) -> dict[str, list[tuple[dict, object]]]:
             noisy = [{**d, "score": float(np.clip(d["score"] + rng.normal(0, 0.05), 0.001, 1))} for d in base]
             path = folder / f"{loss}_{seed}" / "eval_matches.npz"
             path.parent.mkdir()
-            CE.match(gt, [dict(d) for d in noisy]).save(path)
-            out[loss].append((CE.evaluate(gt, noisy), path))
+            cocoeval.match(gt, [dict(d) for d in noisy]).save(path)
+            out[loss].append((cocoeval.evaluate(gt, noisy), path))
     return out

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ioulab.detector.engine import cocoeval as CE
-from ioulab.detector.engine import erroranalysis as EA
+from ioulab.detector.engine import cocoeval
+from ioulab.detector.engine import erroranalysis
 from ioulab.platform.bench.eval import synthetic_eval_set
 from ioulab.platform.report.table import fmt_delta
 from tests.platform.report.helpers import cli, md_tables
@@ -50,14 +50,14 @@ def err_store(tmp_path_factory):
     ids = {"parent": p}
     for mode, step in (("baseline", 0.0), ("iou_nms", 0.3), ("refine", 0.6)):
         variant = _refined(gt, dets, step)
-        analysis = EA.analyze(gt, variant)
+        analysis = erroranalysis.analyze(gt, variant)
         folder = tmp / mode
         folder.mkdir()
-        EA.write(folder, analysis)
-        metrics = {**CE.evaluate(gt, variant), **analysis.metrics()}
+        erroranalysis.write(folder, analysis)
+        metrics = {**cocoeval.evaluate(gt, variant), **analysis.metrics()}
         rid = ids[mode] = st.trial(p, "where", mode, {MODE: mode}, metrics, stage="eval")
-        st.client.log_artifact(rid, str(folder / EA.ERRORS_FILE))
-        CE.match(gt, variant).save(folder / "eval_matches.npz")
+        st.client.log_artifact(rid, str(folder / erroranalysis.ERRORS_FILE))
+        cocoeval.match(gt, variant).save(folder / "eval_matches.npz")
         st.client.log_artifact(rid, str(folder / "eval_matches.npz"))
         ids[f"{mode}_analysis"] = analysis
     return SimpleNamespace(uri=st.uri, client=st.client, ids=ids)
@@ -73,10 +73,10 @@ def test_section_shows_breakdown_deltas_classes_and_curves(err_store, tmp_path):
     assert (out / "pr_iou90.png").read_bytes()[:4] == b"\x89PNG"
     section = md[md.index("## Where the AP goes"):]
     tide, counts, coco, classes = md_tables(section)[:4]
-    assert tide[0] == ["Variant", *EA.TIDE_TYPES] and coco[0] == ["Variant", *EA.COCO_STEPS]
+    assert tide[0] == ["Variant", *erroranalysis.TIDE_TYPES] and coco[0] == ["Variant", *erroranalysis.COCO_STEPS]
     base, refine = err_store.ids["baseline_analysis"], err_store.ids["refine_analysis"]
     rows = {r[0]: r for r in tide[1:]}
-    loc = 1 + EA.TIDE_TYPES.index("loc")
+    loc = 1 + erroranalysis.TIDE_TYPES.index("loc")
     assert rows["mode=baseline (baseline)"][loc] == f"{base.tide_delta['loc']:.1f}"
     delta = refine.tide_delta["loc"] - base.tide_delta["loc"]
     assert delta < 0   # moving boxes onto their objects removes localization error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ioulab.platform.report import charts as CH
+from ioulab.platform.report import charts
 from ioulab.platform.report.command import build_report
 from tests.platform.report.helpers import cli, md_tables
 
@@ -48,7 +48,7 @@ def test_report_intervals_are_seeded(ci_store):
 @pytest.mark.timeout(180)
 def test_delta_chart_draws_the_intervals(ci_store):
     report, _ = build_report(ci_store.client, "ci", resamples=100)
-    fig = CH.delta_figure(report.table)
+    fig = charts.delta_figure(report.table)
     ax = fig.axes[0]
     bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
     assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 2   # one interval per variant

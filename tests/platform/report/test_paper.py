@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ioulab.platform.report import charts as CH
+from ioulab.platform.report import charts
 from ioulab.platform.report.paper import Paper, PaperRow, paper_columns, parse_paper
 from ioulab.platform.report.render import Report, results_markdown, results_rows, to_html
 from ioulab.platform.report.runs import Trial
@@ -142,6 +142,6 @@ def test_paper_columns_line_up_with_intervals_and_the_source_stays_text():
     assert "Paper row k=zzz: no variant with results." in md
     page = to_html(Report(title="t", table=table))
     assert "<script" not in page and html.escape(source) in page
-    marks = [line for line in CH.delta_figure(table).axes[0].get_lines() if line.get_label() == "the paper's ΔAP"]
+    marks = [line for line in charts.delta_figure(table).axes[0].get_lines() if line.get_label() == "the paper's ΔAP"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == pytest.approx([0.9])  # on row k=b (y 0)
     assert list(marks[0].get_ydata()) == [0]

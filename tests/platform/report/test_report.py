@@ -5,8 +5,8 @@ import base64
 import json
 import re
 
-from ioulab.platform.report import charts as CH
-from ioulab.platform.report import table as T
+from ioulab.platform.report import charts
+from ioulab.platform.report import table
 from ioulab.platform.report.command import build_report
 from ioulab.platform.report.runs import load_sweep
 from tests.platform.report.conftest import LATENCY, LOSS
@@ -106,8 +106,8 @@ def test_lambda_sweep_charts_ap_against_lambda_one_line_per_trained_model(store,
     assert "iou_head.loss.type=smooth_l1: best λ=2 (AP 39.3)" in md
 
     sweep = load_sweep(store.client, "lambda")
-    series = T.lambda_series(T.result_trials(sweep.trials), sweep.varying_keys)
-    fig = CH.lambda_figure(series)
+    series = table.lambda_series(table.result_trials(sweep.trials), sweep.varying_keys)
+    fig = charts.lambda_figure(series)
     lines = fig.axes[0].get_lines()
     assert len(lines) == 2  # one per trained model, the failed λ=8 trial adds no point
     assert sorted(l.get_label() for l in lines) == ["iou_head.loss.type=bce (best λ=2: 39.6)",
