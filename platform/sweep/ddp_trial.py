@@ -70,7 +70,14 @@ def _restore(out_dir: Path, tracker) -> int:
     """Rank 0's starting iteration: Ray Train's latest checkpoint (copied into ``out_dir``); when
     Ray Train gives none but this node's ``out_dir`` holds checkpoints of an earlier attempt of the
     group, the newest of those (resume is exact from any checkpoint; steps logged twice are not
-    sent to MLflow twice)."""
+    sent to MLflow twice).
+
+    Why the fallback: Ray Train 2.60 hands a restarted group the newest checkpoint its controller
+    has registered, and a report made well under a second before a worker dies can be lost (a
+    standalone TorchTrainer of 2 workers reporting every 0.5 s, rank 0 SIGKILLed right after its
+    first report, restarted with no checkpoint; killed 0.5 s after its sixth, it restarted from
+    the fifth). Only the newest checkpoint is at risk; on another node the group continues from
+    Ray Train's registered one."""
     from ioulab.detector.engine import checkpoint_file as ckpt_io
 
     checkpoint = ray.train.get_checkpoint()
