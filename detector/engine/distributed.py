@@ -73,7 +73,8 @@ def wrap_model(model: torch.nn.Module, world: World, device: torch.device) -> to
 def all_finite(values: list[torch.Tensor], world: World) -> bool:
     """Whether every value is finite on every rank (one all-reduce: a rank that raised alone would
     leave the others waiting in the gradient all-reduce)."""
-    ok = torch.tensor([float(all(bool(torch.isfinite(v)) for v in values))])
+    # one device-side reduction and one host sync per step, not one per loss term
+    ok = torch.isfinite(torch.stack([v.detach().float() for v in values])).all().float().cpu().reshape(1)
     if world.size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
