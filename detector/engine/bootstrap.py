@@ -57,8 +57,9 @@ def resample_weights(num_images: int, resamples: int, rng: np.random.Generator) 
     return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples)
 
 
-def _seed_list(x) -> list[Matches]:
-    return [x] if isinstance(x, Matches) else list(x)
+def _seed_list(x) -> list:
+    """One run's record (a :class:`Matches` or the like) or a list/tuple of them -> a list."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def check_same_images(runs: list[Matches]) -> None:
@@ -71,7 +72,7 @@ def check_same_images(runs: list[Matches]) -> None:
             raise BootstrapError("the runs were evaluated with different category lists")
 
 
-def _metric_table(accs: list[Accumulator], weights: np.ndarray, metrics, chunk: int) -> dict[str, np.ndarray]:
+def _metric_table(accs: list, weights: np.ndarray, metrics, chunk: int) -> dict[str, np.ndarray]:
     """{metric: [S, B]} for every seed's matches under every weight vector."""
     out = {m: np.zeros((len(accs), len(weights))) for m in metrics}
     for s, acc in enumerate(accs):
@@ -92,13 +93,15 @@ class VariantSamples:
 
 
 def variant_samples(runs, weights: np.ndarray, metrics, rng: np.random.Generator,
-                    chunk: int = 16) -> VariantSamples:
+                    chunk: int = 16, accumulator=Accumulator) -> VariantSamples:
     """``runs``: one :class:`Matches` or a list (one per seed); ``weights`` [B, I] image counts;
-    ``rng`` draws the seeds of each resample (two-level bootstrap)."""
+    ``rng`` draws the seeds of each resample (two-level bootstrap). ``accumulator(run, metrics)``
+    gives the callable weights [B, I] -> {metric: [B]} of one run (another kind of per-image
+    record than :class:`Matches` brings its own, e.g. the error analysis')."""
     runs = _seed_list(runs)
     check_same_images(runs)
     metrics = tuple(metrics)
-    accs = [Accumulator(m, metrics) for m in runs]
+    accs = [accumulator(m, metrics) for m in runs]
     ones = np.ones((1, weights.shape[1]), dtype=np.int64)
     point, boot = _metric_table(accs, ones, metrics, chunk), _metric_table(accs, weights, metrics, chunk)
     picks = _seed_draws(len(runs), len(weights), rng)

@@ -66,33 +66,43 @@ class Matches:
 
     def save(self, path) -> None:
         """A compressed ``.npz`` (what an evaluation logs as ``eval_matches.npz``)."""
-        arrays = {"image_ids": np.asarray(self.image_ids, np.int64),
-                  "category_ids": np.asarray(self.category_ids, np.int64),
-                  "gt_digest": np.asarray(self.gt_digest)}
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **self.arrays())
+
+    @classmethod
+    def load(cls, path) -> "Matches":
+        with np.load(path) as z:
+            return cls.from_arrays(z)
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The arrays ``save`` writes, their names prefixed (several matchings in one file)."""
+        arrays = {f"{prefix}image_ids": np.asarray(self.image_ids, np.int64),
+                  f"{prefix}category_ids": np.asarray(self.category_ids, np.int64),
+                  f"{prefix}gt_digest": np.asarray(self.gt_digest)}
         for a, m in enumerate(self.areas):
             if m is None:
                 continue
             for name in ("category", "image", "score", "num_gt"):
-                arrays[f"{AREA_NAMES[a]}_{name}"] = getattr(m, name)
+                arrays[f"{prefix}{AREA_NAMES[a]}_{name}"] = getattr(m, name)
             for name in ("tp", "ignored"):
-                arrays[f"{AREA_NAMES[a]}_{name}"] = np.packbits(getattr(m, name), axis=1)
-        with open(path, "wb") as f:
-            np.savez_compressed(f, **arrays)
+                arrays[f"{prefix}{AREA_NAMES[a]}_{name}"] = np.packbits(getattr(m, name), axis=1)
+        return arrays
 
     @classmethod
-    def load(cls, path) -> "Matches":
+    def from_arrays(cls, z, prefix: str = "") -> "Matches":
+        """The inverse of :meth:`arrays` (``z``: a mapping such as an open ``np.load``)."""
         areas: list[AreaMatches | None] = []
-        with np.load(path) as z:
-            for name in AREA_NAMES:
-                if f"{name}_score" not in z:
-                    areas.append(None)
-                    continue
-                n = len(z[f"{name}_score"])
-                bits = {k: np.unpackbits(z[f"{name}_{k}"], axis=1, count=n).astype(bool)
-                        for k in ("tp", "ignored")}
-                areas.append(AreaMatches(z[f"{name}_category"], z[f"{name}_image"], z[f"{name}_score"],
-                                         bits["tp"], bits["ignored"], z[f"{name}_num_gt"]))
-            return cls(z["image_ids"].tolist(), z["category_ids"].tolist(), areas, str(z["gt_digest"]))
+        for name in AREA_NAMES:
+            key = f"{prefix}{name}"
+            if f"{key}_score" not in z:
+                areas.append(None)
+                continue
+            n = len(z[f"{key}_score"])
+            bits = {k: np.unpackbits(z[f"{key}_{k}"], axis=1, count=n).astype(bool) for k in ("tp", "ignored")}
+            areas.append(AreaMatches(z[f"{key}_category"], z[f"{key}_image"], z[f"{key}_score"],
+                                     bits["tp"], bits["ignored"], z[f"{key}_num_gt"]))
+        return cls(z[f"{prefix}image_ids"].tolist(), z[f"{prefix}category_ids"].tolist(), areas,
+                   str(z[f"{prefix}gt_digest"]))
 
 
 def gt_digest(dataset: dict) -> str:
@@ -196,8 +206,27 @@ def _per_image_pycocotools(dataset: dict, detections: list[dict], area_indices):
         ev.params.areaRng = [list(AREA_RANGES[a]) for a in area_indices]
         ev.params.areaRngLbl = [AREA_NAMES[a] for a in area_indices]
         ev.evaluate()
+    return _evalimgs_tuples(ev), ev.params
+
+
+def _evalimgs_tuples(ev) -> list:
+    """pycocotools' ``evalImgs`` as (dtMatches [T*D], dtScores [D], gtIgnore [G], dtIgnore [T*D])
+    or None, in its order (category, area, image)."""
     return [None if e is None else (e["dtMatches"].ravel(), e["dtScores"], e["gtIgnore"], e["dtIgnore"].ravel())
-            for e in ev.evalImgs], ev.params
+            for e in ev.evalImgs]
+
+
+def matches_from_cocoeval(ev, dataset: dict) -> Matches:
+    """The :class:`Matches` of a pycocotools COCOeval that was run (``evaluate()``) with one area
+    range, "all", and any IoU thresholds ``ev.params.iouThrs`` (T of them: the arrays' first
+    axis). For matchings under other settings than :func:`match`'s (error analysis' relaxed
+    thresholds and ignored ground truth), so that :class:`Accumulator` can resample them."""
+    p = ev.params
+    if len(p.areaRng) != 1 or list(p.areaRng[0]) != list(AREA_RANGES[0]):
+        raise ValueError("matches_from_cocoeval: the COCOeval must use the single area range 'all'")
+    out = Matches(list(p.imgIds), list(p.catIds), [None] * len(AREA_RANGES), gt_digest(dataset))
+    out.areas[0] = _area_matches(_evalimgs_tuples(ev), 0, 1, len(p.imgIds), len(p.catIds), len(p.iouThrs))
+    return out
 
 
 def _dataset_dict(coco_gt) -> dict:
@@ -252,10 +281,10 @@ def _no_detections(dataset: dict, image_ids: list[int], category_ids: list[int],
                        np.zeros((T, 0), bool), np.zeros((T, 0), bool), num_gt)
 
 
-def _area_matches(per_image, a: int, num_areas: int, num_images: int, num_k: int) -> AreaMatches:
-    """Flatten the per-image results of the ``a``-th evaluated area range into accumulation order
-    (one pass over Python lists, then numpy)."""
-    T = len(IOU_THRESHOLDS)
+def _area_matches(per_image, a: int, num_areas: int, num_images: int, num_k: int,
+                  T: int = len(IOU_THRESHOLDS)) -> AreaMatches:
+    """Flatten the per-image results of the ``a``-th evaluated area range (``T`` IoU thresholds)
+    into accumulation order (one pass over Python lists, then numpy)."""
     entries = [(k, i, per_image[k * num_areas * num_images + a * num_images + i])
                for k in range(num_k) for i in range(num_images)]
     entries = [(k, i, e) for k, i, e in entries if e is not None]
@@ -316,7 +345,7 @@ class _CumAt:
         return c[:, self.read] - c[:, self.base]
 
 
-def _thresholds_reached(recall: np.ndarray) -> np.ndarray:
+def thresholds_reached(recall: np.ndarray) -> np.ndarray:
     """How many of RECALL_THRESHOLDS are <= each recall (``searchsorted(..., side="right")``),
     computed as floor(100 r) and corrected against the exact linspace values."""
     j = np.clip(np.floor(recall * 100).astype(np.int64), 0, 100)
@@ -365,7 +394,7 @@ class _ThresholdCurve:
             with np.errstate(divide="ignore", invalid="ignore"):
                 recall = np.where(gt > 0, tp / gt, 0.0)
             env = np.maximum.accumulate((precision + self.offset)[:, ::-1], axis=1)[:, ::-1] - self.offset
-            reached = _thresholds_reached(recall)
+            reached = thresholds_reached(recall)
             prev = np.zeros_like(reached)
             prev[:, 1:] = reached[:, :-1]
             prev[:, self.first] = 0
@@ -408,6 +437,10 @@ class Accumulator:
         if metrics is None:  # every metric whose area range was matched
             metrics = [k for k in METRIC_KEYS if matches.areas[AREA_OF_METRIC.get(k, 0)] is not None]
         self.metrics = tuple(metrics)
+        thresholds = {m.tp.shape[0] for m in matches.areas if m is not None}
+        if thresholds != {len(IOU_THRESHOLDS)} and set(self.metrics) & set(THRESHOLD_OF_METRIC):
+            raise ValueError("AP50 ... AP90 need a matching at COCO's ten IoU thresholds "
+                             "(use threshold_ap for others)")
         self.num_images = len(matches.image_ids)
         num_k = len(matches.category_ids)
         self.areas = {}
@@ -416,25 +449,13 @@ class Accumulator:
             if m is None:
                 raise ValueError(f"{AREA_NAMES[a]!r} area range was not matched (match(..., areas=...))")
             slots, per_slot = _compress(m)
-            curves = [_ThresholdCurve(slots, t, num_k) for t in range(len(IOU_THRESHOLDS))]
+            curves = [_ThresholdCurve(slots, t, num_k) for t in range(slots.tp.shape[0])]
             self.areas[a] = (slots, per_slot, m.num_gt.astype(np.float64), curves)
 
     def __call__(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """weights: [B, I] non-negative integers (None: one vector of ones) -> {metric: [B]} in
         percent; a metric without any ground truth (COCOeval's -1) is 0."""
-        if weights is None:
-            weights = np.ones((1, self.num_images), dtype=np.int64)
-        weights = np.asarray(weights, dtype=np.int64)
-        per_area = {}
-        for a, (m, per_slot, gt_counts, curves) in self.areas.items():
-            w_det = np.ascontiguousarray((per_slot @ weights.T).T)        # [B, S] exact integers
-            num_gt = np.rint(weights.astype(np.float64) @ gt_counts)      # [B, K] (BLAS)
-            cum_all = None
-            if any(c.needs_cum_all for c in curves):
-                cum_all = np.zeros((w_det.shape[0], w_det.shape[1] + 1), dtype=np.int64)
-                np.cumsum(w_det, axis=1, out=cum_all[:, 1:])
-            per_area[a] = np.stack([c.ap_per_category(w_det, cum_all, num_gt) for c in curves],
-                                   axis=1)  # [B, T, K]
+        per_area = {a: self.category_ap(weights, a) for a in self.areas}
         out = {}
         for key in self.metrics:
             ap = per_area[AREA_OF_METRIC.get(key, 0)]
@@ -442,6 +463,28 @@ class Accumulator:
                 ap = ap[:, THRESHOLD_OF_METRIC[key]:THRESHOLD_OF_METRIC[key] + 1]
             out[key] = _mean_valid(ap)
         return out
+
+
+    def category_ap(self, weights: np.ndarray | None = None, area: int = 0) -> np.ndarray:
+        """weights: [B, I] (None: ones) -> [B, T, K] AP (fraction) per threshold and category of
+        the area range ``area`` (an index of AREA_NAMES), NaN where a category has no ground truth."""
+        if weights is None:
+            weights = np.ones((1, self.num_images), dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.int64)
+        m, per_slot, gt_counts, curves = self.areas[area]
+        w_det = np.ascontiguousarray((per_slot @ weights.T).T)        # [B, S] exact integers
+        num_gt = np.rint(weights.astype(np.float64) @ gt_counts)      # [B, K] (BLAS)
+        cum_all = None
+        if any(c.needs_cum_all for c in curves):
+            cum_all = np.zeros((w_det.shape[0], w_det.shape[1] + 1), dtype=np.int64)
+            np.cumsum(w_det, axis=1, out=cum_all[:, 1:])
+        return np.stack([c.ap_per_category(w_det, cum_all, num_gt) for c in curves], axis=1)
+
+    def threshold_ap(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """weights: [B, I] -> [B, T] AP in percent at each IoU threshold the matching has (area
+        "all"; the mean over categories with ground truth, 0 without any)."""
+        ap = self.category_ap(weights, 0)
+        return np.stack([_mean_valid(ap[:, t:t + 1]) for t in range(ap.shape[1])], axis=1)
 
 
 def _mean_valid(ap: np.ndarray) -> np.ndarray:
@@ -456,11 +499,19 @@ def evaluate(coco_gt, detections: list[dict], backend: str = "auto") -> dict[str
     """All METRIC_KEYS in percent, equal to pycocotools' COCOeval (-1, no ground truth in an area
     range: 0). "auto"/"fast": faster-coco-eval's C++ evaluate + accumulate; "pycocotools": the
     reference; "ours": our matching arrays + :class:`Accumulator` (what the bootstrap runs)."""
+    return evaluate_with_precision(coco_gt, detections, backend)[0]
+
+
+def evaluate_with_precision(coco_gt, detections: list[dict], backend: str = "auto"
+                            ) -> tuple[dict[str, float], np.ndarray | None]:
+    """:func:`evaluate` and COCOeval's ``eval["precision"]`` [T, R, K, A, M] it read them from
+    (None for backend "ours" and for no detections), for callers that need more than the metrics."""
     dataset = _dataset_dict(coco_gt)
     if backend == "ours" or not detections:
         values = Accumulator(match(dataset, detections, AREA_NAMES))()
-        return {k: float(v[0]) for k, v in values.items()}
-    return metrics_from_precision(np.asarray(accumulated_eval(dataset, detections, backend).eval["precision"]))
+        return {k: float(v[0]) for k, v in values.items()}, None
+    precision = np.asarray(accumulated_eval(dataset, detections, backend).eval["precision"])
+    return metrics_from_precision(precision), precision
 
 
 def accumulated_eval(coco_gt, detections: list[dict], backend: str = "auto"):

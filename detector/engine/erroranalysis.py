@@ -46,8 +46,10 @@ CURVE_IOUS = (0.5, 0.75, 0.9)               # the PR curves drawn and stored
 COCO_STEPS = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 TIDE_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
 FG_IOU, BG_IOU = 0.5, 0.1                   # TIDE's foreground and background thresholds
+LOC_IOU = 0.1                               # COCO analysis' Loc, Sim and Oth
+STRICT_IOUS = (0.75, 0.5, LOC_IOU)          # C75, C50, Loc: one COCOeval run
 METRIC_PREFIX = "err/"                      # platform/mlflow_names.py: ERROR_PREFIX (same string)
-ERRORS_FILE, CURVES_FILE = "errors.json", "pr_curves.png"
+ERRORS_FILE, CURVES_FILE, MATCHES_FILE = "errors.json", "pr_curves.png", "error_matches.npz"
 # The scalars an evaluation logs (:meth:`ErrorAnalysis.metrics`), in this order.
 METRIC_NAMES = (tuple(f"{METRIC_PREFIX}{k}" for k in TIDE_TYPES) + tuple(f"{METRIC_PREFIX}n_{k}" for k in TIDE_TYPES)
                 + tuple(f"{METRIC_PREFIX}coco_{k.lower()}" for k in COCO_STEPS))
@@ -96,24 +98,42 @@ class ErrorAnalysis:
         return f"COCO error analysis (AP): {coco}\nΔAP50 if fixed [count]:   {tide}"
 
 
-def analyze(coco_gt, detections: list[dict]) -> ErrorAnalysis:
+def analyze(coco_gt, detections: list[dict], precision: np.ndarray | None = None) -> ErrorAnalysis:
     """The full breakdown of COCO-format ``detections`` against ``coco_gt`` (a COCO or its
-    dataset dict)."""
+    dataset dict). ``precision``: COCOeval's ``eval["precision"]`` [T, R, K, A, M] of these
+    detections at the default settings, when the caller has it (else it is computed)."""
+    return analyze_and_match(coco_gt, detections, precision)[0]
+
+
+def analyze_and_match(coco_gt, detections: list[dict], precision: np.ndarray | None = None
+                      ) -> tuple[ErrorAnalysis, "ErrorMatches | None"]:
+    """:func:`analyze` and the per-image matchings behind it (:class:`ErrorMatches`, what the
+    report resamples for its intervals; None without detections)."""
     dataset = copy.deepcopy(cocoeval._dataset_dict(coco_gt))
     cats = sorted(dataset.get("categories", []), key=lambda c: c["id"])
     names = [str(c.get("name", c["id"])) for c in cats]
     detections = [dict(d, id=n + 1) for n, d in enumerate(detections)]
     if not detections:
-        return _without_detections(dataset, names)
-    precision = np.asarray(cocoeval.accumulated_eval(dataset, detections).eval["precision"])[:, :, :, 0, -1]
+        return _without_detections(dataset, names), None
+    if precision is None:
+        precision = cocoeval.accumulated_eval(dataset, detections).eval["precision"]
+    precision = np.asarray(precision)[:, :, :, 0, -1]
     ap = _class_ap(precision)
-    strict = _evaluate(dataset, detections, [0.75, 0.5, 0.1])
-    coco = _coco_steps(dataset, detections, strict)
-    base, delta, count = _tide(dataset, detections, strict)
+    strict = _evaluate(dataset, detections, list(STRICT_IOUS))
+    confusion = {name: _evaluate(_confusion_ignored(dataset, detections, same), detections, [LOC_IOU])
+                 for name, same in _confusions(dataset).items()}
+    coco = _coco_steps(strict, confusion["sim"], confusion["oth"])
+    tide = _tide(dataset, detections, strict)
     curves = {f"{t:g}": _mean_curve(precision[int(round((t - 0.5) / 0.05))]) for t in CURVE_IOUS}
-    return ErrorAnalysis(class_ap=_named(names, ap.mean(axis=0)), class_ap75=_named(names, ap[5]),
-                         coco=coco, tide_delta=delta, tide_count=count, base_ap50=base,
-                         precision=curves)
+    analysis = ErrorAnalysis(class_ap=_named(names, ap.mean(axis=0)), class_ap75=_named(names, ap[5]),
+                             coco=coco, tide_delta=tide.delta, tide_count=tide.count, base_ap50=tide.base,
+                             precision=curves)
+    as_matches = functools.partial(cocoeval.matches_from_cocoeval, dataset=dataset)
+    matches = ErrorMatches(strict=as_matches(strict), sim=as_matches(confusion["sim"]),
+                           oth=as_matches(confusion["oth"]),
+                           fixed={k: as_matches(ev) for k, ev in tide.fixed.items()},
+                           counts=tide.per_image)
+    return analysis, matches
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,16 +223,20 @@ def _step_ap(precision: np.ndarray, valid: np.ndarray) -> float:
     return 100.0 * float(np.clip(precision[:, valid], 0, None).mean())
 
 
-def _coco_steps(dataset: dict, detections: list[dict], strict) -> dict[str, float]:
+def _confusions(dataset: dict) -> dict:
+    """COCO analysis' Sim and Oth: which (ground-truth category, detected category) pairs are
+    forgiven: same supercategory, or any."""
+    superc = {c["id"]: c.get("supercategory") for c in dataset.get("categories", [])}
+    return {"sim": lambda c, k: superc[c] == superc[k], "oth": lambda c, k: True}
+
+
+def _coco_steps(strict, sim_ev, oth_ev) -> dict[str, float]:
     """COCO_STEPS -> AP: C75, C50, Loc from ``strict`` (IoU .75, .5, .1), Sim and Oth at IoU .1
     with the confusable ground truth ignored; BG: precision 1 wherever Oth reaches; FN: 1."""
     ps = np.asarray(strict.eval["precision"])[:, :, :, 0, 0]            # [3, R, K]
     valid = (ps[1] > -1).all(axis=0)
-    superc = {c["id"]: c.get("supercategory") for c in dataset.get("categories", [])}
-    sim = _evaluate(_confusion_ignored(dataset, detections, lambda c, k: superc[c] == superc[k]),
-                    detections, [0.1]).eval["precision"][0, :, :, 0, 0]
-    oth = _evaluate(_confusion_ignored(dataset, detections, lambda c, k: True),
-                    detections, [0.1]).eval["precision"][0, :, :, 0, 0]
+    sim = sim_ev.eval["precision"][0, :, :, 0, 0]
+    oth = oth_ev.eval["precision"][0, :, :, 0, 0]
     steps = [ps[0], ps[1], ps[2], sim, oth, (oth > 0).astype(np.float64), np.ones_like(oth)]
     return {name: round(_step_ap(p, valid), 4) for name, p in zip(COCO_STEPS, steps)}
 
@@ -231,7 +255,7 @@ def _matching_at_fg(strict) -> tuple[set[int], list[int]]:
     """From pycocotools' ``evalImgs`` at IoU .5: the ids of the matched ground truth and of the
     false-positive detections (neither ignored, on a crowd box, nor matched; detections past the
     100-per-image-and-category cut are left out: they cannot move AP)."""
-    t = 1   # strict's thresholds are (.75, .5, .1)
+    t = STRICT_IOUS.index(FG_IOU)
     matched, fp = set(), []
     for e in strict.evalImgs:
         if e is None:
@@ -312,27 +336,41 @@ def _fixed(dataset: dict, detections: list[dict], errors: list[_Error], kind: st
     return [replace.get(i, d) for i, d in enumerate(detections) if i not in drop]
 
 
-def _ap50(dataset: dict, detections: list[dict]) -> float:
-    return cocoeval.evaluate(dataset, [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")}
-                                       for d in detections])["AP50"]
+def _ap50(ev) -> float:
+    """AP (percent) of a COCOeval run at its first IoU threshold, over its categories with ground truth."""
+    p = np.asarray(ev.eval["precision"])[0, :, :, 0, 0]
+    return _step_ap(p, (p > -1).all(axis=0))
 
 
-def _tide(dataset: dict, detections: list[dict], strict) -> tuple[float, dict[str, float], dict[str, int]]:
-    """(AP50, TIDE_TYPES -> ΔAP50 when fixed, TIDE_TYPES -> count)."""
+@dataclass
+class _Tide:
+    base: float                      # AP50
+    delta: dict[str, float]          # TIDE_TYPES -> ΔAP50 when fixed
+    count: dict[str, int]            # TIDE_TYPES -> how many
+    fixed: dict                      # TIDE_TYPES -> COCOeval at IoU .5 of the fixed detections / ground truth
+    per_image: dict[str, np.ndarray]  # TIDE_TYPES -> [I] count per image (sorted image ids)
+
+
+def _tide(dataset: dict, detections: list[dict], strict) -> _Tide:
     errors, missed, matched = _errors(dataset, detections, strict)
-    base = _ap50(dataset, detections)
-    delta, count = {}, {}
+    base = _ap50(_evaluate(dataset, detections, [FG_IOU]))
+    image_index = {i: n for n, i in enumerate(sorted(img["id"] for img in dataset.get("images", [])))}
+    image_of_gt = {a["id"]: a["image_id"] for a in dataset.get("annotations", [])}
+    out = _Tide(round(base, 4), {}, {}, {}, {})
     for kind in TIDE_TYPES:
         if kind == "miss":
             gone = set(missed)
-            fixed_ap = _ap50(dict(dataset, annotations=[a for a in dataset.get("annotations", [])
-                                                        if a["id"] not in gone]), detections)
-            count[kind] = len(missed)
+            ev = _evaluate(dict(dataset, annotations=[a for a in dataset.get("annotations", [])
+                                                      if a["id"] not in gone]), detections, [FG_IOU])
+            images = [image_of_gt[g] for g in missed]
         else:
-            fixed_ap = _ap50(dataset, _fixed(dataset, detections, errors, kind, matched))
-            count[kind] = sum(e.kind == kind for e in errors)
-        delta[kind] = round(fixed_ap - base, 4) if count[kind] else 0.0
-    return round(base, 4), delta, count
+            ev = _evaluate(dataset, _fixed(dataset, detections, errors, kind, matched), [FG_IOU])
+            images = [detections[e.det]["image_id"] for e in errors if e.kind == kind]
+        out.fixed[kind] = ev
+        out.per_image[kind] = np.bincount([image_index[i] for i in images], minlength=len(image_index))
+        out.count[kind] = len(images)
+        out.delta[kind] = round(_ap50(ev) - base, 4) if images else 0.0
+    return out
 
 
 def _without_detections(dataset: dict, names: list[str]) -> ErrorAnalysis:
@@ -347,6 +385,105 @@ def _without_detections(dataset: dict, names: list[str]) -> ErrorAnalysis:
     zeros = [0.0] * len(cocoeval.RECALL_THRESHOLDS)
     return ErrorAnalysis(ap, dict(ap), coco, delta, count, 0.0,
                          precision={f"{t:g}": list(zeros) for t in CURVE_IOUS})
+
+
+# --------------------------------------------------------------------------------------------
+# The breakdown under image resamples (the report's intervals)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ErrorMatches:
+    """The per-image matchings every number of :class:`ErrorAnalysis.metrics` is computed from,
+    so that a bootstrap can recompute them for any image weights without matching again (like
+    ``eval_matches.npz`` for the AP columns). ``matches_file`` holds it.
+
+    ``strict``: IoU STRICT_IOUS (.75, .5, .1); ``sim`` / ``oth``: IoU .1 with the confusable ground
+    truth ignored; ``fixed``: TIDE_TYPES -> IoU .5 of the detections (ground truth, for miss) with
+    that type's errors fixed; ``counts``: TIDE_TYPES -> [I] errors per image. One area range
+    ("all"), 100 detections; images and categories as in ``strict``.
+    """
+
+    strict: cocoeval.Matches
+    sim: cocoeval.Matches
+    oth: cocoeval.Matches
+    fixed: dict[str, cocoeval.Matches]
+    counts: dict[str, np.ndarray]
+
+    # what bootstrap.check_same_images compares
+    @property
+    def image_ids(self) -> list[int]:
+        return self.strict.image_ids
+
+    @property
+    def category_ids(self) -> list[int]:
+        return self.strict.category_ids
+
+    @property
+    def gt_digest(self) -> str:
+        return self.strict.gt_digest
+
+    def save(self, path) -> None:
+        arrays = {**self.strict.arrays("strict/"), **self.sim.arrays("sim/"), **self.oth.arrays("oth/")}
+        for kind in TIDE_TYPES:
+            arrays.update(self.fixed[kind].arrays(f"fixed_{kind}/"))
+            arrays[f"count_{kind}"] = np.asarray(self.counts[kind], np.int64)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "ErrorMatches":
+        with np.load(path) as z:
+            load = cocoeval.Matches.from_arrays
+            return cls(load(z, "strict/"), load(z, "sim/"), load(z, "oth/"),
+                       {k: load(z, f"fixed_{k}/") for k in TIDE_TYPES},
+                       {k: z[f"count_{k}"] for k in TIDE_TYPES})
+
+
+class ErrorAccumulator:
+    """:meth:`ErrorAnalysis.metrics` of one run's :class:`ErrorMatches` under image weights:
+    ``acc(weights [B, I])`` -> {metric: [B]} (weights of ones: the logged values, to rounding).
+    The same interface as :class:`cocoeval.Accumulator`, so ``bootstrap.variant_samples`` takes it.
+
+    Per resample: the COCO steps are AP of the ``strict``, ``sim`` and ``oth`` matchings; BG is
+    the number of recall thresholds ``oth`` reaches per category (precision 1 up to its final
+    recall); a TIDE ΔAP50 is AP50 of the fixed matching minus AP50; a count is the weighted sum
+    of its per-image counts. An error's type and fix depend on its own image only, so weighting
+    images is the same as analysing the resampled image set.
+    """
+
+    def __init__(self, matches: ErrorMatches, metrics=METRIC_NAMES):
+        self.metrics = tuple(metrics)
+        unknown = set(self.metrics) - set(METRIC_NAMES)
+        if unknown:
+            raise ValueError(f"not an error-analysis metric: {sorted(unknown)}")
+        ap = functools.partial(cocoeval.Accumulator, metrics=("AP",))
+        self.strict, self.sim, self.oth = ap(matches.strict), ap(matches.sim), ap(matches.oth)
+        self.fixed = {k: ap(m) for k, m in matches.fixed.items()}
+        self.counts = np.stack([np.asarray(matches.counts[k], np.float64) for k in TIDE_TYPES], axis=1)  # [I, 6]
+        oth = matches.oth.areas[0]
+        self.oth_tp = np.zeros(oth.num_gt.shape)                           # [I, K] true positives
+        np.add.at(self.oth_tp, (oth.image[oth.tp[0]], oth.category[oth.tp[0]]), 1.0)
+        self.oth_gt = oth.num_gt.astype(np.float64)                        # [I, K]
+
+    def __call__(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        if weights is None:
+            weights = np.ones((1, self.strict.num_images), dtype=np.int64)
+        w = np.asarray(weights, dtype=np.float64)
+        strict = self.strict.threshold_ap(weights)                         # [B, 3]: C75, C50, Loc
+        c50 = strict[:, STRICT_IOUS.index(FG_IOU)]
+        gt = w @ self.oth_gt                                               # [B, K]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall = np.where(gt > 0, (w @ self.oth_tp) / gt, 0.0)
+        # a category without a true positive has precision 0 everywhere: no threshold counts
+        reached = np.where(recall > 0, cocoeval.thresholds_reached(recall), 0)
+        bg = np.where(gt > 0, reached / len(cocoeval.RECALL_THRESHOLDS), np.nan)
+        steps = [strict[:, 0], strict[:, 1], strict[:, 2], self.sim.threshold_ap(weights)[:, 0],
+                 self.oth.threshold_ap(weights)[:, 0], cocoeval._mean_valid(bg[:, None, :]),
+                 100.0 * (gt > 0).any(axis=1)]
+        counts = w @ self.counts                                           # [B, 6]
+        values = [self.fixed[k].threshold_ap(weights)[:, 0] - c50 for k in TIDE_TYPES]
+        values += [counts[:, n] for n in range(len(TIDE_TYPES))] + steps
+        out = dict(zip(METRIC_NAMES, values))
+        return {m: out[m] for m in self.metrics}
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,9 +505,12 @@ def curves_figure(curves: dict[str, tuple[list[float], list[float]]], title: str
     return fig
 
 
-def write(out_dir: Path, analysis: ErrorAnalysis) -> None:
-    """``errors.json`` and ``pr_curves.png`` (the curves at CURVE_IOUS) into ``out_dir``."""
+def write(out_dir: Path, analysis: ErrorAnalysis, matches: ErrorMatches | None = None) -> None:
+    """``errors.json``, ``pr_curves.png`` (the curves at CURVE_IOUS) and, when given,
+    ``error_matches.npz`` into ``out_dir``."""
     analysis.save(out_dir / ERRORS_FILE)
+    if matches is not None:
+        matches.save(out_dir / MATCHES_FILE)
     curves = {f"IoU {k}": (analysis.recall, v) for k, v in analysis.precision.items()}
     fig = curves_figure(curves, "precision-recall (mean over classes)")
     fig.savefig(out_dir / CURVES_FILE)

@@ -21,8 +21,17 @@ from ioulab.detector.engine.cocoeval import METRIC_KEYS  # noqa: F401  (re-expor
 # (gzip) and the per-image matching (``cocoeval.Matches``), so that two runs on the same
 # validation set can be compared image by image later (``ioulab compare``, ``ioulab report``);
 # where the AP goes (``erroranalysis``: per-class AP, error breakdowns, PR curves and their PNG).
+# ``error_matches.npz`` (the error analysis' per-image matchings, for the report's intervals) is
+# written only when there are detections: :func:`artifact_paths` leaves it out otherwise.
 EVAL_ARTIFACTS = ("metrics.json", "detections.json.gz", "eval_matches.npz",
-                  erroranalysis.ERRORS_FILE, erroranalysis.CURVES_FILE)
+                  erroranalysis.ERRORS_FILE, erroranalysis.CURVES_FILE, erroranalysis.MATCHES_FILE)
+
+
+def artifact_paths(out_dir: Path) -> list[Path]:
+    """What a run logs after an evaluation into ``out_dir``: ``config.yaml`` and the
+    EVAL_ARTIFACTS (``error_matches.npz`` when it was written)."""
+    paths = [Path(out_dir) / a for a in ("config.yaml", *EVAL_ARTIFACTS)]
+    return [p for p in paths if p.name != erroranalysis.MATCHES_FILE or p.exists()]
 
 
 def coco_metrics(coco_gt, detections: list[dict]) -> dict[str, float]:
@@ -32,13 +41,16 @@ def coco_metrics(coco_gt, detections: list[dict]) -> dict[str, float]:
     return cocoeval.evaluate(coco_gt, detections)
 
 
-def write_eval_outputs(out_dir: Path, coco_gt, detections: list[dict], metrics: dict[str, float]) -> dict[str, float]:
+def write_eval_outputs(out_dir: Path, coco_gt, detections: list[dict], metrics: dict[str, float],
+                       precision=None) -> dict[str, float]:
     """``metrics.json``, ``detections.json`` (+ ``.gz``, what is logged), ``eval_matches.npz``,
-    ``errors.json`` and ``pr_curves.png``. Returns ``metrics`` plus the error analysis' scalars
-    (``err/...``: :meth:`erroranalysis.ErrorAnalysis.metrics`), which ``metrics.json`` holds."""
+    ``errors.json``, ``pr_curves.png`` and ``error_matches.npz``. Returns ``metrics`` plus the
+    error analysis' scalars (``err/...``: :meth:`erroranalysis.ErrorAnalysis.metrics`), which
+    ``metrics.json`` holds. ``precision``: COCOeval's precision array the metrics came from
+    (spares the error analysis a second evaluation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    analysis = erroranalysis.analyze(coco_gt, detections)
-    erroranalysis.write(out_dir, analysis)
+    analysis, error_matches = erroranalysis.analyze_and_match(coco_gt, detections, precision)
+    erroranalysis.write(out_dir, analysis, error_matches)
     metrics = {**metrics, **analysis.metrics()}
     text = json.dumps(detections)
     (out_dir / "detections.json").write_text(text)
@@ -91,9 +103,9 @@ def score(coco_gt, detections: list[dict], out_dir=None) -> dict[str, float]:
     """The metrics of ``detections`` (COCO results of the whole dataset, in dataset order); with
     ``out_dir``, the EVAL_ARTIFACTS written there. The one scoring path of single-process and
     distributed evaluation (``engine/distributed.py`` gathers the shards, then calls this)."""
-    metrics = coco_metrics(coco_gt, detections)
+    metrics, precision = cocoeval.evaluate_with_precision(coco_gt, detections)
     if out_dir is not None:
-        metrics = write_eval_outputs(Path(out_dir), coco_gt, detections, metrics)
+        metrics = write_eval_outputs(Path(out_dir), coco_gt, detections, metrics, precision)
     return metrics
 
 

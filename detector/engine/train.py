@@ -30,7 +30,7 @@ from ioulab.detector.engine import checkpoint_file as ckpt_io
 from ioulab.detector.engine.amp import amp_policy
 from ioulab.detector.data.datasets import build_datasets
 from ioulab.detector.engine import distributed
-from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS
+from ioulab.detector.engine.evaluate import artifact_paths
 from ioulab.detector.engine.events import NullLogger, RunLogger
 from ioulab.detector.engine.runtime import resolve_device, seed_everything  # noqa: F401  (re-exported)
 from ioulab.detector.data.loader import InfiniteLoader
@@ -331,9 +331,8 @@ def finish(s: Session, path: Path | None, on_checkpoint: CheckpointHook | None, 
     last hook call; returns the run's result."""
     metrics = evaluate(s, out_dir=s.out_dir if s.world.is_main else None, progress=progress)
     s.logger.log_metrics(metrics, s.total)
-    for artifact in ("config.yaml", *EVAL_ARTIFACTS):
-        if s.world.is_main:
-            s.logger.log_artifact(s.out_dir / artifact)
+    for artifact in artifact_paths(s.out_dir) if s.world.is_main else []:
+        s.logger.log_artifact(artifact)
     if on_checkpoint is not None:
         on_checkpoint(s.total, path, metrics)
     return TrainResult(metrics, path, s.total, seconds_per_iter, s.start)

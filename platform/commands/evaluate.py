@@ -25,7 +25,7 @@ def run(args) -> int:
     from ioulab.detector.engine import checkpoint_file as ckpt_io
     from ioulab.detector.engine.amp import amp_policy
     from ioulab.detector.data.datasets import build_dataset
-    from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_model, load_trained
+    from ioulab.detector.engine.evaluate import artifact_paths, evaluate_model, load_trained
 
     ckpt_io.check_file(args.checkpoint)  # a missing or broken file fails before any MLflow run
     announce(args, "ioulab eval")
@@ -45,8 +45,8 @@ def run(args) -> int:
         if tracker is not None:
             tracker.log_params(mlflow_names.config_params(cfg))
             tracker.log_metrics(metrics, 0)
-            for artifact in ("config.yaml", *EVAL_ARTIFACTS):
-                tracker.log_artifact(out / artifact)
+            for path in artifact_paths(out):
+                tracker.log_artifact(path)
         status = "FINISHED"
     finally:
         if tracker is not None:

@@ -137,7 +137,8 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
                                    (" (95 % bootstrap intervals)" if results.intervals else ""),
                                    charts.png_bytes(charts.delta_figure(results))))
     report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
-    where = errors.where_section(results, errors.ErrorStore(client))
+    where = errors.where_section(results, errors.ErrorStore(client), errors.ErrorMatchStore(client),
+                                 resamples, bootstrap_seed)
     if where is not None:
         report.sections.append(where)
     return report, sweep

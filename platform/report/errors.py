@@ -7,12 +7,15 @@
 * the per-class ΔAP of the best variant against the baseline, biggest gains and losses first;
 * the precision-recall curves of baseline and best at IoU 0.9.
 
-Values are means over a variant's finished trials. The breakdown has no bootstrap intervals
-(the results table's Δ columns do): the notes say so.
+Values are means over a variant's finished trials. Each Δ carries the 95 % interval of a paired
+bootstrap over the validation images when the runs logged ``error_matches.npz`` (the per-image
+matchings behind the breakdown: :class:`~ioulab.detector.engine.erroranalysis.ErrorAccumulator`
+recomputes every column on each resample, with the results table's resamples).
 """
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,9 +23,10 @@ from ioulab.detector.engine import erroranalysis
 from ioulab.detector.engine.cocoeval import RECALL_THRESHOLDS
 from ioulab.platform import mlflow_names
 from ioulab.platform.report import charts
-from ioulab.platform.report.intervals import MatchStore
-from ioulab.platform.report.render import Chart, Section
-from ioulab.platform.report.table import ResultsTable, Variant, fmt, fmt_delta
+from ioulab.detector.engine.bootstrap import Interval
+from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, Bootstrapper, MatchStore, compare_rows
+from ioulab.platform.report.render import SIGNIFICANT, Cell, Chart, Section
+from ioulab.platform.report.table import ResultsTable, Variant, fmt, fmt_delta, fmt_interval
 
 TITLE = "Where the AP goes"
 CHART_STEM = "pr_iou90"
@@ -36,72 +40,146 @@ class ErrorStore(MatchStore):
     read = staticmethod(erroranalysis.ErrorAnalysis.load)
 
 
-def _cell(v: Variant, base: Variant | None, metric: str, digits: int = 1) -> tuple[str, str]:
-    """``2.4 (−0.7)``: the variant's mean and its Δ against the baseline."""
+class ErrorMatchStore(MatchStore):
+    """The logged :class:`~ioulab.detector.engine.erroranalysis.ErrorMatches` of each run (what
+    the breakdown's intervals resample)."""
+
+    artifact = erroranalysis.MATCHES_FILE
+    read = staticmethod(erroranalysis.ErrorMatches.load)
+
+
+@dataclass
+class Breakdown:
+    """The breakdown's Δ intervals: variant name -> {``err/...`` metric: Interval}, and the notes
+    on how they were made (or why some rows have none)."""
+
+    intervals: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, v: Variant, metric: str):
+        return self.intervals.get(v.name, {}).get(metric)
+
+
+def breakdown_intervals(rows: list[Variant], base: Variant | None, fetch, resamples: int = DEFAULT_RESAMPLES,
+                        seed: int = 0) -> Breakdown:
+    """Paired-bootstrap intervals of every breakdown metric's Δ against the baseline, from the
+    runs' ``error_matches.npz`` (``fetch(run_id)``: :class:`ErrorMatchStore`). Same image
+    resamples as the results table (same ``seed`` and count: ``resample_weights`` draws first)."""
+    out = Breakdown()
+    if base is None or resamples <= 0 or len(rows) < 2:
+        return out
+    boot = Bootstrapper(fetch, resamples, seed, accumulator=erroranalysis.ErrorAccumulator)
+    compare_rows(boot, base, rows, erroranalysis.METRIC_NAMES, out.intervals)
+    if out.intervals:
+        out.notes.append(f"Intervals: Δ against the baseline with the 95 % interval of a paired bootstrap over "
+                         f"the {len(boot.image_ids or [])} validation images ({resamples} resamples, the "
+                         f"results table's), the whole breakdown recomputed on each resample; * = the "
+                         "interval excludes 0 (green: fewer errors, red: more); grey: within noise.")
+    if boot.missing:
+        out.notes.append(f"No breakdown intervals for {len(set(boot.missing))} run(s) without a logged "
+                         f"{erroranalysis.MATCHES_FILE} (evaluated before ioulab kept it, or without "
+                         "detections): their Δ are differences of means.")
+    out.notes += [f"No breakdown interval: {e}" for e in boot.errors]
+    return out
+
+
+def _cell(v: Variant, base: Variant | None, metric: str, digits: int = 1, interval=None,
+          lower_is_better: bool = True) -> Cell:
+    """``2.4 (−0.7 [−1.1, −0.3] *)``: the variant's mean and its Δ against the baseline (with the
+    interval when there is one; green when it excludes 0 in the good direction, red in the bad,
+    grey when it contains 0)."""
     value = v.mean(metric)
     if value is None:
         return fmt(None), "num"
     if base is None or v is base or base.mean(metric) is None:
         return fmt(value, digits), "num"
-    return f"{fmt(value, digits)} ({fmt_delta(value - base.mean(metric), digits)})", "num"
+    delta = value - base.mean(metric)
+    if interval is None:
+        return f"{fmt(value, digits)} ({fmt_delta(delta, digits)})", "num"
+    mark = SIGNIFICANT if interval.excludes_zero else ""
+    text = f"{fmt(value, digits)} ({fmt_interval(delta, interval, digits)}{mark})"
+    if not interval.excludes_zero:
+        return text, "noise"
+    return text, "pos" if (delta < 0) == lower_is_better else "neg"
 
 
 def breakdown_table(rows: list[Variant], base: Variant | None, metrics: list[str], labels: list[str],
-                    digits: int = 1):
+                    digits: int = 1, intervals: Breakdown | None = None, lower_is_better: bool = True):
     """(header, rows, classes) of ``metrics`` per variant, the baseline first."""
-    body = [[(v.name + (" (baseline)" if v is base else ""), "name")] + [_cell(v, base, m, digits) for m in metrics]
+    iv = intervals or Breakdown()
+    body = [[(v.name + (" (baseline)" if v is base else ""), "name")]
+            + [_cell(v, base, m, digits, iv.get(v, m), lower_is_better) for m in metrics]
             for v in rows]
     return ["Variant", *labels], body, ["baseline" if v is base else "" for v in rows]
 
 
-def _gap(v: Variant, prefix: str) -> float | None:
-    """C50 − C75 of COCO's analysis: AP lost between IoU .5 and .75, i.e. boxes placed well
-    enough for .5 but not for .75 (localization error at strict IoU)."""
-    c50, c75 = v.mean(f"{prefix}coco_c50"), v.mean(f"{prefix}coco_c75")
-    return None if c50 is None or c75 is None else c50 - c75
+# The COCO-analysis gaps the verdict reads: (label, AP at the looser IoU, AP at the stricter one)
+GAPS = (("C50 − C75", "AP50", "AP75"), ("C75 − C90", "AP75", "AP90"))
 
 
-def gap_interval(results: ResultsTable, v: Variant) -> str:
-    """`` (Δ −9.8 [−11.2, −8.4])``: the change of C50 − C75 against the baseline with the 95 %
-    interval of the results table's paired bootstrap (ΔAP50 − ΔAP75 on the same resamples), or ""."""
-    iv = results.intervals.get(v.name, {})
-    if "AP50" not in iv or "AP75" not in iv:
-        return ""
-    samples = iv["AP50"].samples - iv["AP75"].samples
+def _gap(v: Variant, loose: str, strict: str) -> float | None:
+    """AP at the looser threshold minus AP at the stricter one (``AP50``, ``AP75``: C50 − C75 of
+    COCO's analysis): boxes placed well enough for the one but not the other (localization
+    error at strict IoU)."""
+    a, b = v.mean(loose), v.mean(strict)
+    return None if a is None or b is None else a - b
+
+
+def gap_interval(results: ResultsTable | None, v: Variant, loose: str, strict: str) -> Interval | None:
+    """The change of ``loose`` − ``strict`` against the baseline with the 95 % interval of the
+    results table's paired bootstrap (Δloose − Δstrict on the same resamples), or None."""
+    iv = results.intervals.get(v.name, {}) if results is not None else {}
+    if loose not in iv or strict not in iv:
+        return None
+    samples = iv[loose].samples - iv[strict].samples
     low, high = np.percentile(samples, [2.5, 97.5])
-    return f" (Δ {fmt_delta(iv['AP50'].delta - iv['AP75'].delta)} [{fmt_delta(low)}, {fmt_delta(high)}])"
+    return Interval(iv[loose].delta - iv[strict].delta, float(low), float(high), samples)
 
 
-def _trend(name: str, rows: list[Variant], base: Variant, value, extra=lambda v: "") -> str:
-    """One sentence: ``name`` per variant (baseline first; ``extra(v)`` after each value) and
-    whether it falls below the baseline."""
+def _trend(name: str, rows: list[Variant], base: Variant, value, interval=lambda v: None) -> str:
+    """One sentence: ``name`` per variant (baseline first; its Δ and ``interval(v)`` after each
+    value when there is one) and whether it falls below the baseline (and beyond the noise)."""
     b = value(base)
     steps = [(v, value(v)) for v in rows if v is not base and value(v) is not None]
     if b is None or not steps:
         return f"{name}: not enough variants with an error analysis to compare."
+    ivs = {v.name: interval(v) for v, _ in steps}
     lower = [v.name for v, x in steps if x < b - 0.05]
-    trail = " → ".join([f"{base.name} {b:.1f}"] + [f"{v.name} {x:.1f}{extra(v)}" for v, x in steps])
+    trail = " → ".join([f"{base.name} {b:.1f}"] + [
+        f"{v.name} {x:.1f}" + (f" (Δ {fmt_interval(x - b, ivs[v.name])})" if ivs[v.name] is not None else "")
+        for v, x in steps])
     if len(lower) == len(steps):
         verdict = "falls below the baseline in every variant"
     elif lower:
         verdict = f"falls below the baseline in {len(lower)} of {len(steps)} variants ({'; '.join(lower)})"
     else:
         verdict = "does not fall below the baseline in any variant"
+    with_iv = [n for n in ivs if ivs[n] is not None]
+    if with_iv:
+        real = [n for n in with_iv if ivs[n].high < 0]
+        verdict += (f"; beyond the noise (95 % interval below 0) in {len(real)} of {len(with_iv)}"
+                    + (f" ({'; '.join(real)})" if real and len(real) < len(with_iv) else ""))
     return f"{name}: {trail}: it {verdict}."
 
 
-def localization_verdict(rows: list[Variant], base: Variant | None, results: ResultsTable | None = None) -> list[str]:
-    """Does localization error fall from the baseline to the other variants? Twice: TIDE's loc
-    (IoU .1–.5, what AP50 sees) and COCO's C50 − C75 (what the strict thresholds see: where
-    IoU-aware inference acts; with the results table's bootstrap intervals when it has them)."""
+def localization_verdict(rows: list[Variant], base: Variant | None, results: ResultsTable | None = None,
+                         intervals: Breakdown | None = None) -> list[str]:
+    """Does localization error fall from the baseline to the other variants? At three scales:
+    TIDE's loc (IoU .1–.5, what AP50 sees), COCO's C50 − C75 and C75 − C90 (what the strict
+    thresholds see: where IoU-aware inference acts), each with its bootstrap interval when there
+    is one (the breakdown's, the results table's)."""
     prefix = mlflow_names.ERROR_PREFIX
     if base is None:
         return ["Localization error: no baseline with an error analysis to compare against."]
-    return [_trend("Localization error at IoU .1–.5 (TIDE loc, ΔAP50 if fixed)", rows, base,
-                   lambda v: v.mean(f"{prefix}loc")),
-            _trend("Localization error at strict IoU (COCO C50 − C75: AP found at .5 but lost at .75)",
-                   rows, base, lambda v: _gap(v, prefix),
-                   (lambda v: gap_interval(results, v)) if results is not None else (lambda v: ""))]
+    iv = intervals or Breakdown()
+    lines = [_trend("Localization error at IoU .1–.5 (TIDE loc, ΔAP50 if fixed)", rows, base,
+                    lambda v: v.mean(f"{prefix}loc"), lambda v: iv.get(v, f"{prefix}loc"))]
+    for label, loose, strict in GAPS:
+        lines.append(_trend(f"Localization error at strict IoU (COCO {label}: AP found at "
+                            f"IoU .{loose[2:]} but lost at .{strict[2:]})", rows, base,
+                            lambda v, a=loose, b=strict: _gap(v, a, b),
+                            lambda v, a=loose, b=strict: gap_interval(results, v, a, b)))
+    return lines
 
 
 def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float]] | None:
@@ -126,25 +204,28 @@ def class_table(base_ap: dict[str, float], best_ap: dict[str, float], limit: int
     return ["Class", "baseline AP", "best AP", "ΔAP"], body, [""] * len(body)
 
 
-def where_section(results: ResultsTable, fetch) -> Section | None:
+def where_section(results: ResultsTable, fetch, matches_fetch=None, resamples: int = DEFAULT_RESAMPLES,
+                  seed: int = 0) -> Section | None:
     """The section for ``results`` (None when no run of it logged an error analysis);
-    ``fetch(run_id)`` returns a run's ErrorAnalysis or None (:class:`ErrorStore`)."""
+    ``fetch(run_id)`` returns a run's ErrorAnalysis or None (:class:`ErrorStore`);
+    ``matches_fetch`` its ErrorMatches (:class:`ErrorMatchStore`; None: no intervals)."""
     prefix = mlflow_names.ERROR_PREFIX
     rows = [v for v in results.rows if v.mean(f"{prefix}loc") is not None]
     if not rows:
         return None
     base = results.baseline if results.baseline in rows else None
+    iv = breakdown_intervals(rows, base, matches_fetch, resamples, seed) if matches_fetch else Breakdown()
     section = Section(TITLE)
     section.tables.append(("TIDE-style errors: ΔAP50 if every error of a type were fixed (Δ vs baseline)",
                            breakdown_table(rows, base, [prefix + k for k in erroranalysis.TIDE_TYPES],
-                                           list(erroranalysis.TIDE_TYPES))))
+                                           list(erroranalysis.TIDE_TYPES), intervals=iv)))
     section.tables.append(("Error counts (false positives by type; missed objects)",
                            breakdown_table(rows, base, [f"{prefix}n_{k}" for k in erroranalysis.TIDE_TYPES],
-                                           list(erroranalysis.TIDE_TYPES), digits=0)))
+                                           list(erroranalysis.TIDE_TYPES), digits=0, intervals=iv)))
     section.tables.append(("COCO error analysis: AP as each kind of error is forgiven (Δ vs baseline)",
                            breakdown_table(rows, base, [f"{prefix}coco_{k.lower()}" for k in erroranalysis.COCO_STEPS],
-                                           list(erroranalysis.COCO_STEPS))))
-    section.notes += localization_verdict(rows, base, results)
+                                           list(erroranalysis.COCO_STEPS), intervals=iv, lower_is_better=False)))
+    section.notes += localization_verdict(rows, base, results, iv)
     best = results.best if results.best in rows else None
     if base is not None and best is not None:
         base_mean, best_mean = _mean_analysis(base, fetch), _mean_analysis(best, fetch)
@@ -167,7 +248,7 @@ def where_section(results: ResultsTable, fetch) -> Section | None:
         "COCO error analysis (the COCO API's analyze()): C75, C50 = AP at IoU .75/.5; Loc = AP at IoU .1; "
         "Sim/Oth = confusion with a same-supercategory/any other class forgiven; BG = all false positives "
         "forgiven; FN = every object found (100).",
-        "Means over each variant's finished trials. Bootstrap intervals: only for the change of C50 − C75 "
-        "(from the results table's paired resamples); the TIDE and COCO columns have none.",
-    ]
+        "Means over each variant's finished trials. The C50 − C75 and C75 − C90 intervals come from the results "
+        "table's paired resamples (AP50, AP75, AP90 on the same image draws).",
+    ] + iv.notes
     return section

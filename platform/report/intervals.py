@@ -51,11 +51,12 @@ class MatchStore:
             return None
 
 
-class _Bootstrapper:
+class Bootstrapper:
     """Variant samples under one shared set of image resamples (computed once per variant)."""
 
-    def __init__(self, fetch: Callable[[str], Matches | None], resamples: int, seed: int):
-        self.fetch, self.resamples, self.seed = fetch, resamples, seed
+    def __init__(self, fetch: Callable[[str], Matches | None], resamples: int, seed: int,
+                 accumulator=bootstrap.Accumulator):
+        self.fetch, self.resamples, self.seed, self.accumulator = fetch, resamples, seed, accumulator
         self.weights: np.ndarray | None = None
         self.image_ids: list[int] | None = None
         self.first: Matches | None = None    # every variant is checked against the first one
@@ -79,7 +80,7 @@ class _Bootstrapper:
             try:
                 bootstrap.check_same_images([self.first] + matches)
                 rng = np.random.default_rng([self.seed, len(self._samples) + 1])
-                out = bootstrap.variant_samples(matches, self.weights, metrics, rng)
+                out = bootstrap.variant_samples(matches, self.weights, metrics, rng, accumulator=self.accumulator)
             except bootstrap.BootstrapError as exc:
                 self.errors.append(f"{v.name}: {exc}")
         self._samples[id(v)] = out
@@ -91,11 +92,12 @@ def attach_intervals(table: ResultsTable, fetch: Callable[[str], Matches | None]
     """Fill ``table.intervals`` (and each NMS block's) and the notes on resolution/availability."""
     if table.baseline is None or len(table.rows) < 2:
         return
-    boot = _Bootstrapper(fetch, resamples, seed)
-    metrics = tuple(dict.fromkeys(("AP", *table.columns, "AP75")))   # AP75: C50 − C75 in errors.py
-    _compare_rows(boot, table.baseline, table.rows, metrics, table.intervals)
+    boot = Bootstrapper(fetch, resamples, seed)
+    # AP50, AP75, AP90: C50 − C75 and C75 − C90 in errors.py
+    metrics = tuple(dict.fromkeys(("AP", *table.columns, "AP50", "AP75", "AP90")))
+    compare_rows(boot, table.baseline, table.rows, metrics, table.intervals)
     for block in nms:
-        _compare_rows(boot, block.baseline, block.rows, ("AP", "AP75"), block.intervals)
+        compare_rows(boot, block.baseline, block.rows, ("AP", "AP75"), block.intervals)
     if boot.missing:
         table.stats_notes.append(
             f"Intervals unavailable for {len(set(boot.missing))} run(s) without a logged "
@@ -106,7 +108,7 @@ def attach_intervals(table: ResultsTable, fetch: Callable[[str], Matches | None]
         table.stats_notes += resolution_notes(table, resamples, len(boot.image_ids or []))
 
 
-def _compare_rows(boot: _Bootstrapper, baseline: Variant, rows: list[Variant], metrics, out: dict) -> None:
+def compare_rows(boot: Bootstrapper, baseline: Variant, rows: list[Variant], metrics, out: dict) -> None:
     base = boot.samples(baseline, metrics)
     if base is None:  # nothing to compare with: only note which rows lack the artifact too
         boot.missing += [t.run_id for v in rows for t in v.finished if boot.fetch(t.run_id) is None]

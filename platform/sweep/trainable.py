@@ -39,7 +39,7 @@ from ray import tune
 
 from ioulab.detector import config as C
 from ioulab.detector.engine import checkpoint_file as ckpt_io
-from ioulab.detector.engine.evaluate import EVAL_ARTIFACTS, evaluate_checkpoint
+from ioulab.detector.engine.evaluate import artifact_paths, evaluate_checkpoint
 from ioulab.detector.engine.train import resolve_device, train
 from ioulab.platform import mlflow_names
 from ioulab.platform.sweep.codecheck import CodeMismatchError, check_same_code
@@ -332,8 +332,8 @@ def eval_trial(config: dict, driver_code: dict | None = None) -> None:
         (out_dir / "config.yaml").write_text(C.dump_yaml(cfg))
         tracker.log_params(mlflow_names.config_params(cfg))
         tracker.log_metrics(metrics, step)
-        for artifact in ("config.yaml", *EVAL_ARTIFACTS):
-            tracker.log_artifact(out_dir / artifact)
+        for path in artifact_paths(out_dir):
+            tracker.log_artifact(path)
     except BaseException:
         tracker.set_tags(mlflow_names.status_tag("FAILED"))
         tracker.close("FAILED")

@@ -184,5 +184,5 @@ def test_recall_threshold_counting_is_exact():
     r = np.clip(np.r_[cocoeval.RECALL_THRESHOLDS, np.nextafter(cocoeval.RECALL_THRESHOLDS, -1),
                       np.nextafter(cocoeval.RECALL_THRESHOLDS, 2), np.arange(1001) / 1000, 7 / 100, 29 / 100,
                       np.random.default_rng(0).uniform(size=10000)], 0, 1)
-    np.testing.assert_array_equal(cocoeval._thresholds_reached(r),
+    np.testing.assert_array_equal(cocoeval.thresholds_reached(r),
                                   np.searchsorted(cocoeval.RECALL_THRESHOLDS, r, side="right"))

@@ -144,3 +144,99 @@ def test_metric_prefix_is_the_naming_contracts():
     assert erroranalysis.METRIC_PREFIX == mlflow_names.ERROR_PREFIX
     assert all(mlflow_names.is_error(m) for m in erroranalysis.METRIC_NAMES)
     assert len(set(erroranalysis.METRIC_NAMES)) == 19
+
+
+# --------------------------------------------------------------------------------------------
+# ErrorMatches / ErrorAccumulator: the breakdown under image weights (the report's intervals)
+# --------------------------------------------------------------------------------------------
+def _random_set(seed: int, num_images: int = 12):
+    """Random boxes in two supercategories with noisy, sometimes mislabelled and duplicate
+    detections: every error type occurs."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [{"id": i, "width": 300, "height": 300} for i in range(1, num_images + 1)],
+          "categories": [{"id": 1, "name": "a", "supercategory": "s"}, {"id": 2, "name": "b", "supercategory": "s"},
+                         {"id": 3, "name": "c", "supercategory": "t"}],
+          "annotations": []}
+    dets = []
+    for i in range(1, num_images + 1):
+        for _ in range(rng.integers(1, 5)):
+            box = [*rng.uniform(0, 150, 2), *rng.uniform(10, 120, 2)]
+            cat = int(rng.integers(1, 4))
+            gt["annotations"].append(_ann(len(gt["annotations"]) + 1, i, cat, box))
+            for _ in range(rng.integers(0, 4)):
+                noisy = (np.array(box) * (1 + rng.normal(0, 0.2, 4))).tolist()
+                label = cat if rng.uniform() < 0.8 else int(rng.integers(1, 4))
+                dets.append(_det(i, label, noisy, round(float(rng.uniform()), 4)))
+        if rng.uniform() < 0.3:
+            dets.append(_det(i, int(rng.integers(1, 4)), [250.0, 250.0, 20.0, 20.0], round(float(rng.uniform()), 4)))
+    return gt, dets
+
+
+def _resampled(gt: dict, dets: list[dict], counts: np.ndarray):
+    """The data set with image n (sorted ids) present counts[n] times (copies get new ids)."""
+    ids = sorted(img["id"] for img in gt["images"])
+    out = dict(gt, images=[], annotations=[])
+    new_dets, next_id = [], 1000
+    for n, image_id in enumerate(ids):
+        for _ in range(int(counts[n])):
+            next_id += 1
+            out["images"].append({"id": next_id, "width": 300, "height": 300})
+            for a in gt["annotations"]:
+                if a["image_id"] == image_id:
+                    out["annotations"].append(dict(a, id=len(out["annotations"]) + 1, image_id=next_id))
+            new_dets += [dict(d, image_id=next_id) for d in dets if d["image_id"] == image_id]
+    return out, new_dets
+
+
+@pytest.mark.parametrize("data", ["handmade", "random"])
+def test_error_accumulator_with_unit_weights_gives_the_logged_metrics(data, tmp_path):
+    gt, dets = handmade() if data == "handmade" else _random_set(4)
+    analysis, matches = erroranalysis.analyze_and_match(gt, dets)
+    matches.save(tmp_path / erroranalysis.MATCHES_FILE)
+    loaded = erroranalysis.ErrorMatches.load(tmp_path / erroranalysis.MATCHES_FILE)
+    values = erroranalysis.ErrorAccumulator(loaded)()
+    assert set(values) == set(erroranalysis.METRIC_NAMES)
+    for name, logged in analysis.metrics().items():
+        assert values[name][0] == pytest.approx(logged, abs=1e-3), name
+    if data == "random":
+        assert all(analysis.tide_count[k] > 0 for k in ("cls", "loc", "dupe", "bkg", "miss"))
+
+
+def test_error_accumulator_under_a_resample_equals_analysing_the_resampled_images():
+    """Image weights (image 0 three times, image 1 dropped, ...) give what the full analysis of a
+    data set with those copies gives: an error's type and fix depend on its own image only."""
+    gt, dets = _random_set(7)
+    _, matches = erroranalysis.analyze_and_match(gt, dets)
+    rng = np.random.default_rng(0)
+    weights = rng.multinomial(len(gt["images"]), np.full(len(gt["images"]), 1 / len(gt["images"])), size=3)
+    weights[0, :3] = [3, 0, 2]
+    got = erroranalysis.ErrorAccumulator(matches)(weights)
+    for b, counts in enumerate(weights):
+        expected = erroranalysis.analyze(*_resampled(gt, dets, counts)).metrics()
+        for name, value in expected.items():
+            assert got[name][b] == pytest.approx(value, abs=1e-3), (b, name)
+
+
+def test_error_accumulator_bg_counts_nothing_for_a_class_without_true_positives():
+    """COCO analysis' BG is precision 1 up to the recall Oth reaches; a class whose detections
+    are all wrong reaches no recall at all (pycocotools: precision 0 at every threshold)."""
+    gt, _ = handmade()
+    dets = [_det(1, 1, BOX, 0.9), _det(4, 2, [150.0, 150.0, 20.0, 20.0], 0.8)]   # b: one far box
+    analysis, matches = erroranalysis.analyze_and_match(gt, dets)
+    assert analysis.coco["BG"] == pytest.approx(_pct(26), abs=1e-3)      # a: recall .25; b: nothing
+    assert erroranalysis.ErrorAccumulator(matches)()["err/coco_bg"][0] == pytest.approx(analysis.coco["BG"], abs=1e-3)
+
+
+def test_no_detections_have_no_error_matches(tmp_path):
+    gt, _ = handmade()
+    analysis, matches = erroranalysis.analyze_and_match(gt, [])
+    assert matches is None and analysis.tide_count["miss"] == 6
+    erroranalysis.write(tmp_path, analysis, matches)
+    assert not (tmp_path / erroranalysis.MATCHES_FILE).exists()
+
+
+def test_error_accumulator_rejects_unknown_metrics():
+    gt, dets = handmade()
+    _, matches = erroranalysis.analyze_and_match(gt, dets)
+    with pytest.raises(ValueError, match="not an error-analysis metric"):
+        erroranalysis.ErrorAccumulator(matches, ["AP"])

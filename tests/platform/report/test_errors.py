@@ -50,13 +50,15 @@ def err_store(tmp_path_factory):
     ids = {"parent": p}
     for mode, step in (("baseline", 0.0), ("iou_nms", 0.3), ("refine", 0.6)):
         variant = _refined(gt, dets, step)
-        analysis = erroranalysis.analyze(gt, variant)
+        analysis, matches = erroranalysis.analyze_and_match(gt, variant)
         folder = tmp / mode
         folder.mkdir()
-        erroranalysis.write(folder, analysis)
+        erroranalysis.write(folder, analysis, matches)
         metrics = {**cocoeval.evaluate(gt, variant), **analysis.metrics()}
         rid = ids[mode] = st.trial(p, "where", mode, {MODE: mode}, metrics, stage="eval")
         st.client.log_artifact(rid, str(folder / erroranalysis.ERRORS_FILE))
+        st.client.log_artifact(rid, str(folder / erroranalysis.MATCHES_FILE))
+        ids[f"{mode}_matches"] = matches
         cocoeval.match(gt, variant).save(folder / "eval_matches.npz")
         st.client.log_artifact(rid, str(folder / "eval_matches.npz"))
         ids[f"{mode}_analysis"] = analysis
@@ -99,13 +101,68 @@ def test_strict_iou_localization_change_carries_the_bootstrap_interval(err_store
 
     report, _ = build_report(err_store.client, "where", resamples=200)
     (section,) = [s for s in report.sections if s.title == "Where the AP goes"]
-    (strict,) = [n for n in section.notes if n.startswith("Localization error at strict IoU")]
+    (strict,) = [n for n in section.notes if n.startswith("Localization error at strict IoU (COCO C50 − C75")]
     iv = report.table.intervals["mode=refine"]
     samples = iv["AP50"].samples - iv["AP75"].samples
     low, high = np.percentile(samples, [2.5, 97.5])
     assert low <= iv["AP50"].delta - iv["AP75"].delta <= high
     assert f"mode=refine {err_store.ids['refine_analysis'].coco['C50'] - err_store.ids['refine_analysis'].coco['C75']:.1f} (Δ " in strict
     assert f"[{fmt_delta(low)}, {fmt_delta(high)}])" in strict
+
+
+def _percentiles(samples: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_breakdown_cells_carry_paired_bootstrap_intervals(err_store):
+    """Every Δ of the three tables has the interval of the paired bootstrap, recomputed here from
+    the logged error matchings on the results table's image resamples (same seed and count)."""
+    from ioulab.detector.engine import bootstrap
+    from ioulab.platform.report.command import build_report
+    from ioulab.platform.report.render import md_table
+
+    report, _ = build_report(err_store.client, "where", resamples=200)
+    (section,) = [s for s in report.sections if s.title == "Where the AP goes"]
+    base, refine = err_store.ids["baseline_matches"], err_store.ids["refine_matches"]
+    weights = bootstrap.resample_weights(len(base.image_ids), 200, np.random.default_rng(0))
+    a, b = erroranalysis.ErrorAccumulator(base)(weights), erroranalysis.ErrorAccumulator(refine)(weights)
+    tide = md_tables(md_table(*section.tables[0][1]))[0]
+    row = {r[0]: r for r in tide[1:]}["mode=refine"]
+    loc = row[1 + erroranalysis.TIDE_TYPES.index("loc")]
+    low, high = _percentiles(b["err/loc"] - a["err/loc"])
+    assert f"[{fmt_delta(low)}, {fmt_delta(high)}]" in loc
+    assert high < 0 and loc.endswith(" *)")     # boxes moved onto their objects: fewer loc errors, beyond noise
+    coco = md_tables(md_table(*section.tables[2][1]))[0]
+    c75 = {r[0]: r for r in coco[1:]}["mode=refine"][1]
+    low, high = _percentiles(b["err/coco_c75"] - a["err/coco_c75"])
+    assert f"[{fmt_delta(low)}, {fmt_delta(high)}]" in c75
+    counts = md_tables(md_table(*section.tables[1][1]))[0]
+    n_loc = {r[0]: r for r in counts[1:]}["mode=refine"][1 + erroranalysis.TIDE_TYPES.index("loc")]
+    assert "[" in n_loc and n_loc.startswith(f"{err_store.ids['refine_analysis'].tide_count['loc']} (")
+    assert any(n.startswith("Intervals: Δ against the baseline") for n in section.notes)
+    # the strict-IoU verdicts: C50 − C75 and C75 − C90, each with its interval
+    (c90,) = [n for n in section.notes if n.startswith("Localization error at strict IoU (COCO C75 − C90")]
+    iv = report.table.intervals["mode=refine"]
+    low, high = _percentiles(iv["AP75"].samples - iv["AP90"].samples)
+    assert f"[{fmt_delta(low)}, {fmt_delta(high)}])" in c90
+
+
+def test_runs_without_error_matches_are_named_not_hidden(err_store):
+    """A run evaluated before error_matches.npz existed keeps its Δ without an interval and the
+    section says how many such runs there are."""
+    from ioulab.platform.report import errors
+    from ioulab.platform.report.command import build_report
+
+    report, _ = build_report(err_store.client, "where", resamples=100)
+    store = errors.ErrorMatchStore(err_store.client)
+    section = errors.where_section(report.table, errors.ErrorStore(err_store.client),
+                                   lambda rid: None if rid == err_store.ids["iou_nms"] else store(rid), 100)
+    tide = section.tables[0][1][1]
+    cells = {r[0][0]: r for r in tide}
+    assert "[" not in cells["mode=iou_nms"][2][0] and "[" in cells["mode=refine"][2][0]
+    assert any(n.startswith("No breakdown intervals for 1 run(s) without a logged error_matches.npz")
+               for n in section.notes)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: headless render test skipped")
