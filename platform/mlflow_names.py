@@ -15,8 +15,8 @@ Child run of a trial (``ROLE=trial``, :func:`trial_tags`): MLflow's ``PARENT``, 
 ``TRIAL_STATUS``; found again by :func:`trial_key` (``SWEEP_ID``, Ray's ``TRIAL_ID``); where it
 ran (:func:`placement_tags`): ``NODE_ID``, ``RUN_DIR``, ``DEVICE``, ``GPU_IDS``, ``GPU_SHARE``;
 ``CHECKPOINT``, eval trials ``TRAIN_RUN_ID`` / ``TRAIN_TRIAL_ID``, finalize ``NODE_IDS``.
-Params: the flattened config (:func:`config_params`, dotted keys); metrics ``AP``, ``AP50``, ...
-and the trainer's ``loss/<name>`` (:func:`is_loss`).
+Params: the flattened config (:func:`config_params`, dotted keys); metrics ``AP``, ``AP50``, ...,
+the trainer's ``loss/<name>`` (:func:`is_loss`), ``err/...`` and ``time/infer_ms_per_image``.
 
 Run of a command (:func:`command_tags`): ``COMMAND`` (train | eval), ``RUN_DIR`` (``train
 --resume`` finds its run by it), ``CONFIG`` (train), ``CHECKPOINT`` (eval).
@@ -92,6 +92,10 @@ ERROR_PREFIX = "err/"
 COST_SECONDS = "cost/wall_seconds"
 COST_CPU_HOURS = "cost/cpu_hours"
 COST_GPU_HOURS = "cost/gpu_hours"
+# The model's forward time per image in an evaluation (detector/engine/evaluate.py:predict; every
+# final evaluation, eval trial and `ioulab eval`), read by the results table's ms/img column. The
+# detector defines the same string (detector/engine/timing.py).
+INFER_MS_PER_IMAGE = "time/infer_ms_per_image"
 BEST_PREFIX = "best/"              # the parent run's copy of the best trial's metrics
 
 TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)"
@@ -128,6 +132,10 @@ def is_loss(metric: str) -> bool:
 
 def is_error(metric: str) -> bool:
     return metric.startswith(ERROR_PREFIX)
+
+
+def is_timing(metric: str) -> bool:
+    return metric == INFER_MS_PER_IMAGE
 
 
 def experiment_tags() -> dict[str, str]:

@@ -30,6 +30,15 @@ TINY_OVERRIDES = [
 ]
 
 
+def without_timing(metrics: dict) -> dict:
+    """An evaluation's metrics without its forward time (``time/infer_ms_per_image``: a wall time,
+    different in every run), which must be there and positive; what is left must be reproducible."""
+    from ioulab.detector.engine.timing import INFER_MS_PER_IMAGE
+
+    assert metrics[INFER_MS_PER_IMAGE] > 0, metrics
+    return {k: v for k, v in metrics.items() if k != INFER_MS_PER_IMAGE}
+
+
 @pytest.fixture
 def tiny_cfg(synth_root):
     """cpu_tiny shrunk further, on the session's synthetic dataset; call with extra overrides."""

@@ -20,7 +20,11 @@ normalizes over its own B/N images (what plain DDP does) and N workers are not e
 Evaluation: rank r predicts the batches k ≡ r (mod N) of the evaluation loader (the same batches a
 single process forms, so every image is computed in the same batch), the detections are gathered
 to rank 0 and put back in dataset order, and rank 0 scores them through the single-process path
-(``evaluate.score``); the metrics are then sent to every rank.
+(``evaluate.score``); the metrics are then sent to every rank. The forward time
+(``time/infer_ms_per_image``) is measured on every rank over its own batches (its first batch left
+out as warm-up when it has more than one) and combined on rank 0 as Σ seconds / Σ images over the
+ranks: the mean over the ranks, weighted by the images each timed. The ranks run at the same time
+and may share the machine, so it is the per-image forward time under that load, not a throughput.
 """
 from __future__ import annotations
 
@@ -117,10 +121,11 @@ def barrier(world: World) -> None:
 
 def evaluate_sharded(model, dataset, label_to_cat_id: list[int], inference, device, world: World,
                      num_workers: int = 0, out_dir=None, progress: bool = True, amp=None) -> dict[str, float]:
-    """``evaluate.evaluate_model`` split over the ranks (see the module docstring): same metrics,
-    same files (written by rank 0), returned on every rank."""
+    """``evaluate.evaluate_model`` split over the ranks (see the module docstring): same detections
+    and AP metrics, same files (written by rank 0), returned on every rank; the forward time is
+    the ranks' combined (Σ seconds / Σ images)."""
     from ioulab.detector.data.loader import build_eval_loader
-    from ioulab.detector.engine.evaluate import predict, score
+    from ioulab.detector.engine.evaluate import ForwardTime, predict, score
 
     if world.size == 1:
         from ioulab.detector.engine.evaluate import evaluate_model
@@ -128,12 +133,14 @@ def evaluate_sharded(model, dataset, label_to_cat_id: list[int], inference, devi
         return evaluate_model(model, dataset, label_to_cat_id, inference, device, num_workers=num_workers,
                               out_dir=out_dir, progress=progress, amp=amp)
     loader = build_eval_loader(dataset, inference.batch_size, num_workers, shard=(world.rank, world.size))
-    mine = predict(model, loader, device, label_to_cat_id, progress=progress and world.is_main, amp=amp)
-    shards = gather_to_main(mine, world)
+    forward_time = ForwardTime()
+    mine = predict(model, loader, device, label_to_cat_id, progress=progress and world.is_main, amp=amp,
+                   forward_time=forward_time)
+    shards = gather_to_main((mine, forward_time), world)
     metrics = None
     if world.is_main:
         position = {image_id: i for i, image_id in enumerate(dataset.ids)}
         # stable: an image's detections stay in the model's order, images go back to dataset order
-        detections = sorted((d for shard in shards for d in shard), key=lambda d: position[d["image_id"]])
-        metrics = score(dataset.coco, detections, out_dir)
+        detections = sorted((d for shard, _ in shards for d in shard), key=lambda d: position[d["image_id"]])
+        metrics = score(dataset.coco, detections, out_dir, ForwardTime.total(t for _, t in shards))
     return broadcast_from_main(metrics, world)

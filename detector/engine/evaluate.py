@@ -2,7 +2,8 @@
 
 Metrics are in percent: ``AP`` (IoU .50:.95), ``AP50 AP60 AP70 AP75 AP80 AP90`` (AP at one IoU
 threshold, read from COCOeval's precision array — the columns of the papers' tables) and
-``APs APm APl``.
+``APs APm APl``. Every evaluation also measures the model's forward time per image
+(``time/infer_ms_per_image``, :func:`predict`): the cost side of the results table.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ioulab.detector.engine import cocoeval, erroranalysis
+from ioulab.detector.engine.timing import INFER_MS_PER_IMAGE, ForwardTime, timed  # noqa: F401  (re-exported)
 from ioulab.detector.engine.cocoeval import METRIC_KEYS  # noqa: F401  (re-exported)
 
 # What an evaluation with ``out_dir`` writes and a tracked run logs: the metrics, the detections
@@ -75,14 +77,26 @@ def to_coco_results(outputs: list[dict], image_ids: list[int], label_to_cat_id: 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_id: list[int],
-            progress: bool = True, amp=None) -> list[dict]:
+            progress: bool = True, amp=None, forward_time: ForwardTime | None = None) -> list[dict]:
     """Run ``model`` over ``loader`` (yields (images, targets)) → COCO results list. ``amp``: an
-    :class:`~ioulab.detector.engine.amp.AmpPolicy` whose autocast wraps the forward (None: off)."""
+    :class:`~ioulab.detector.engine.amp.AmpPolicy` whose autocast wraps the forward (None: off).
+
+    ``forward_time`` gains the seconds of each ``model(...)`` call and its images: the forward
+    alone (loading, the copy to ``device`` and the conversion to COCO results are outside the
+    clock), the first batch left out as warm-up when there is more than one."""
     model.eval()
     results: list[dict] = []
-    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        with amp.autocast() if amp is not None else contextlib.nullcontext():
-            outputs = model([img.to(device, non_blocking=True) for img in images])
+    warmup = 1 if len(loader) > 1 else 0
+    for i, (images, targets) in enumerate(tqdm(loader, desc="eval", disable=not progress, leave=False)):
+        inputs = [img.to(device, non_blocking=True) for img in images]
+        # On CUDA, timed() synchronises before reading the clock at the start and at the stop: the
+        # copies above and the forward's kernels run asynchronously, so the first wait keeps the
+        # copies out and the second counts the forward's work, not just its launch. On a CPU no
+        # synchronize is needed (none is made).
+        with timed(device) as clock, amp.autocast() if amp is not None else contextlib.nullcontext():
+            outputs = model(inputs)
+        if forward_time is not None and i >= warmup:
+            forward_time.add(clock.seconds, len(inputs))
         results += to_coco_results(outputs, [t["image_id"] for t in targets], label_to_cat_id)
     return results
 
@@ -91,19 +105,25 @@ def evaluate_model(model: torch.nn.Module, dataset, label_to_cat_id: list[int], 
                    num_workers: int = 0, out_dir=None, progress: bool = True, amp=None) -> dict[str, float]:
     """Predict on ``dataset`` (a CocoDetection) and score it, under ``amp`` (the training's AMP
     policy, None: off). With ``out_dir``, writes ``detections.json`` (COCO results) and the
-    EVAL_ARTIFACTS there, and the metrics gain the error analysis' ``err/...`` scalars."""
+    EVAL_ARTIFACTS there, and the metrics gain the error analysis' ``err/...`` scalars. The
+    metrics include ``time/infer_ms_per_image``: the model's forward time per image in this
+    evaluation, at ``inference.batch_size`` on ``device`` (see :func:`predict`)."""
     from ioulab.detector.data.loader import build_eval_loader
 
     loader = build_eval_loader(dataset, inference.batch_size, num_workers)
-    detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp)
-    return score(dataset.coco, detections, out_dir)
+    forward_time = ForwardTime()
+    detections = predict(model, loader, device, label_to_cat_id, progress=progress, amp=amp,
+                         forward_time=forward_time)
+    return score(dataset.coco, detections, out_dir, forward_time)
 
 
-def score(coco_gt, detections: list[dict], out_dir=None) -> dict[str, float]:
-    """The metrics of ``detections`` (COCO results of the whole dataset, in dataset order); with
-    ``out_dir``, the EVAL_ARTIFACTS written there. The one scoring path of single-process and
-    distributed evaluation (``engine/distributed.py`` gathers the shards, then calls this)."""
+def score(coco_gt, detections: list[dict], out_dir=None, forward_time: ForwardTime | None = None) -> dict[str, float]:
+    """The metrics of ``detections`` (COCO results of the whole dataset, in dataset order), plus
+    ``time/infer_ms_per_image`` of ``forward_time`` when it timed any image; with ``out_dir``, the
+    EVAL_ARTIFACTS written there. The one scoring path of single-process and distributed
+    evaluation (``engine/distributed.py`` gathers the shards, then calls this)."""
     metrics, precision = cocoeval.evaluate_with_precision(coco_gt, detections)
+    metrics = {**metrics, **(forward_time.metrics() if forward_time else {})}
     if out_dir is not None:
         metrics = write_eval_outputs(Path(out_dir), coco_gt, detections, metrics, precision)
     return metrics

@@ -2,7 +2,9 @@
 
 CUDA kernels run asynchronously: ``time.perf_counter()`` around ``model(x)`` measures the launch,
 not the work. :func:`timed` therefore waits for the device (``torch.cuda.synchronize``) before it
-starts the clock and again before it stops it; on a CPU the waits are no-ops.
+starts the clock and again before it stops it; on a CPU the waits are no-ops. It lives in
+:mod:`ioulab.detector.engine.timing` (every evaluation times its forwards with it) and is
+re-exported here.
 
 - ``with timed(device) as t: ...`` then ``t.seconds``: one region.
 - ``time_call(fn, repeats, warmup, device)``: the median of ``repeats`` timed calls.
@@ -13,39 +15,14 @@ starts the clock and again before it stops it; on a CPU the waits are no-ops.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from unittest import mock
 
 import torch
 
-DeviceLike = torch.device | str
-
-
-def synchronize(device: DeviceLike) -> None:
-    """Wait until the work queued on ``device`` is done (CUDA); nothing to wait for on a CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Stopwatch:
-    seconds: float = float("nan")
-
-
-@contextlib.contextmanager
-def timed(device: DeviceLike) -> Iterator[Stopwatch]:
-    """Wall time of the ``with`` body including the device work it queued (``.seconds`` on exit)."""
-    watch = Stopwatch()
-    synchronize(device)  # earlier work must not be counted
-    start = time.perf_counter()
-    yield watch
-    synchronize(device)  # this region's work must be counted
-    watch.seconds = time.perf_counter() - start
+from ioulab.detector.engine.timing import DeviceLike, Stopwatch, synchronize, timed  # noqa: F401  (re-exported)
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: DeviceLike = "cpu") -> float:

@@ -18,6 +18,7 @@ from ioulab.platform.smoke import add_smoke_test, smoke_overrides
 # The ResNet-50 rows compare with torchvision's stock model built without weights (no download):
 # both from scratch, with trainable BatchNorm and every layer trained.
 R50_FROM_SCRATCH = ["model.backbone.pretrained=false", "model.backbone.norm=bn", "model.backbone.trainable_layers=5"]
+NUM_BATCHES = 8  # distinct batches every timed model cycles through
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,12 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Stepper:
-    """SGD steps of one model on the shared batches; ``timed(n)`` returns the seconds of n steps."""
+    """SGD steps of one model on the shared batches; ``timed(n)`` returns the seconds of n steps.
+    ``weights``: the loss weights (default: the model's ``loss_weights``, else a plain sum; a
+    DDP-wrapped model passes its inner model's)."""
 
-    def __init__(self, model, batches):
+    def __init__(self, model, batches, weights=None):
         self.model, self.batches, self.i = model, batches, 0
         self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-        self.weights = getattr(model, "loss_weights", None)
+        self.weights = weights if weights is not None else getattr(model, "loss_weights", None)
         model.train()
 
     def timed(self, n: int) -> float:
@@ -77,31 +80,43 @@ def _seconds_per_step(steppers: list[_Stepper], warmup: int, iters: int, rounds:
     return [t / max(c, 1) for t, c in zip(total, counts)]
 
 
+def bench_batches(cfg, rank: int = 0, world: int = 1) -> tuple[list, int]:
+    """The first NUM_BATCHES batches of ``cfg``'s training stream (seed 0; with ``world`` > 1, rank
+    ``rank``'s part of each global batch, as the trainer splits it) and the number of classes."""
+    from ioulab.detector.data.datasets import build_datasets
+    from ioulab.detector.data.loader import InfiniteLoader
+
+    train_set, _ = build_datasets(cfg.data)
+    stream = InfiniteLoader(train_set, cfg.train.batch_size, 0, seed=0, rank=rank, world_size=world).iter_from(0)
+    return [next(stream) for _ in range(NUM_BATCHES)], train_set.num_classes
+
+
+def seeded_stepper(cfg, num_classes: int, batches, wrap=None) -> _Stepper:
+    """A :class:`_Stepper` of ``cfg``'s model built after ``seed_everything(0)`` (the same initial
+    weights in every row and every rank), wrapped by ``wrap`` (e.g. DDP) when given."""
+    from ioulab.detector.engine.runtime import seed_everything
+    from ioulab.detector.model import build_model
+
+    seed_everything(0)
+    model = build_model(cfg.model, num_classes, cfg.inference)
+    return _Stepper(wrap(model) if wrap is not None else model, batches, weights=model.loss_weights)
+
+
 def run(args) -> BenchResult:
     if args.workers:
         from ioulab.platform.bench import train_workers
 
         return train_workers.run(args)
     from ioulab.detector import config as C
-    from ioulab.detector.data.loader import InfiniteLoader
-    from ioulab.detector.data.datasets import build_datasets
-    from ioulab.detector.engine.runtime import seed_everything
-    from ioulab.detector.model import build_model
 
     if args.smoke_test:
         args.iters, args.warmup, args.no_r50 = 2, 1, True
     base = C.load_config(args.config, smoke_overrides(args))
-    train_set, _ = build_datasets(base.data)
-    k = train_set.num_classes
+    batches, k = bench_batches(base)
     batch = base.train.batch_size
-    stream = InfiniteLoader(train_set, batch, 0, seed=0).iter_from(0)
-    batches = [next(stream) for _ in range(8)]
 
     variants = _variants(args, base)
-    steppers = []
-    for _, cfg in variants:
-        seed_everything(0)
-        steppers.append(_Stepper(build_model(cfg.model, k, cfg.inference), batches))
+    steppers = [seeded_stepper(cfg, k, batches) for _, cfg in variants]
     seconds = _seconds_per_step(steppers, args.warmup, args.iters)
     rows = [{"model": name, "s/iter": sec, "images/s": batch / sec, "ratio": sec / seconds[0]}
             for (name, _), sec in zip(variants, seconds)]
@@ -138,14 +153,12 @@ def _r50_rows(base, k: int, batches, iters: int) -> list[dict]:
 
     from ioulab.detector import config as C
     from ioulab.detector.engine.runtime import seed_everything
-    from ioulab.detector.model import build_model
 
     size = base.model.min_size
     batch = base.train.batch_size
     r50 = C.load_config("r50_fpn_1x", [f"model.min_size={size}", f"model.max_size={base.model.max_size}",
                                        *R50_FROM_SCRATCH])
-    seed_everything(0)
-    ours = _Stepper(build_model(r50.model, k, r50.inference), batches)
+    ours = seeded_stepper(r50, k, batches)
     seed_everything(0)
     stock = _Stepper(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k + 1,
                                              min_size=size, max_size=base.model.max_size), batches)

@@ -15,8 +15,6 @@ import torch
 from ioulab.detector import config as C
 from ioulab.platform.bench.common import BenchResult
 
-NUM_BATCHES = 8  # distinct global batches cycled through (as `bench train` does)
-
 
 def parse_workers(text: str) -> list[int]:
     try:
@@ -32,23 +30,15 @@ def _group_member(rank: int, world: int, port: int, cfg_dict: dict, commands, re
     """Rank ``rank`` of a group: build, then time ``n`` steps per command until None."""
     import torch.distributed as dist
 
-    from ioulab.detector.data.loader import InfiniteLoader
     from ioulab.detector.engine import distributed
-    from ioulab.detector.data.datasets import build_datasets
-    from ioulab.detector.engine.runtime import seed_everything
-    from ioulab.detector.model import build_model
-    from ioulab.platform.bench.train import _Stepper
+    from ioulab.platform.bench.train import bench_batches, seeded_stepper
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = C.from_dict(cfg_dict)
-    train_set, _ = build_datasets(cfg.data)
-    stream = InfiniteLoader(train_set, cfg.train.batch_size, 0, 0, rank=rank, world_size=world).iter_from(0)
-    batches = [next(stream) for _ in range(NUM_BATCHES)]
-    seed_everything(0)
-    model = build_model(cfg.model, train_set.num_classes, cfg.inference)
-    stepper = _Stepper(distributed.wrap_model(model, distributed.World(rank, world), torch.device("cpu")), batches)
-    stepper.weights = model.loss_weights
+    batches, num_classes = bench_batches(cfg, rank, world)
+    stepper = seeded_stepper(cfg, num_classes, batches, wrap=lambda model: distributed.wrap_model(
+        model, distributed.World(rank, world), torch.device("cpu")))
     results.put(("ready", rank))
     for n in iter(commands[rank].get, None):
         dist.barrier()

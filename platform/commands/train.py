@@ -94,8 +94,12 @@ class RunOnFirstRecord:
 
 def print_metrics(metrics: dict[str, float]) -> None:
     """The AP columns on one line (the error analysis' ``err/...`` scalars are left out: see
-    :func:`print_errors`)."""
-    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if not mlflow_names.is_error(k)))
+    :func:`print_errors`), then the evaluation's forward time as ``ms/img`` when measured."""
+    line = "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()
+                     if not (mlflow_names.is_error(k) or mlflow_names.is_timing(k)))
+    if mlflow_names.INFER_MS_PER_IMAGE in metrics:
+        line += f"  ms/img {metrics[mlflow_names.INFER_MS_PER_IMAGE]:.1f}"
+    print(line)
 
 
 def print_errors(out: Path) -> None:

@@ -8,6 +8,11 @@ end times are not used: a resumed or replayed run's span is not its compute), an
 without any cost keeps its old columns. An evaluation variant costs the
 training of the model it evaluates (``ioulab.train_run_id``; unknown when the sweep was given a
 checkpoint) plus its own evaluation (``eval CPU-h``). Means over the variant's trials.
+
+Where measured, the inference side (``ms/img``): the model's forward time per image that each
+evaluation logs (``time/infer_ms_per_image``, see ``detector/engine/evaluate.py:predict``), the
+mean over the variant's finished trials that have it; a table in which no run has it keeps its
+old columns, as without cost.
 """
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ import statistics
 
 from ioulab.platform import mlflow_names
 from ioulab.platform.report.runs import Trial
-from ioulab.platform.report.table import ResultsTable
+from ioulab.platform.report.table import ResultsTable, Variant
 
+LATENCY_COLUMN = "ms/img"
 KEYS = ("wall_hours", "cpu_hours", "gpu_hours")
 EVAL_KEYS = ("eval_cpu_hours", "eval_gpu_hours")   # an evaluation variant's own trials
+BATCH_KEY = "inference.batch_size"                 # the param the latency note quotes
 
 
 def training_cost(trial: Trial) -> dict[str, float | None]:
@@ -43,3 +50,24 @@ def attach_cost(results: ResultsTable, trials: list[Trial]) -> None:
                 for k in KEYS + EVAL_KEYS}
         if any(x is not None for x in mean.values()):
             results.cost[v.name] = mean
+
+
+def latency_ms(variant: Variant) -> float | None:
+    """Mean forward ms per image over the variant's finished trials that logged it (None: none did)."""
+    return variant.mean(mlflow_names.INFER_MS_PER_IMAGE)
+
+
+def has_latency(results: ResultsTable) -> bool:
+    """Whether the results table gets the ``ms/img`` column: some variant's trials measured it."""
+    return any(latency_ms(v) is not None for v in results.rows)
+
+
+def latency_note(results: ResultsTable) -> str:
+    """What ``ms/img`` is (and is not): the line under the results table."""
+    sizes = {t.params.get(BATCH_KEY) for v in results.rows for t in v.finished
+             if mlflow_names.INFER_MS_PER_IMAGE in t.metrics} - {None}
+    batch = f"{BATCH_KEY}={sizes.pop()}" if len(sizes) == 1 else f"the configured {BATCH_KEY}"
+    return (f"{LATENCY_COLUMN}: the model's forward time per image, measured during each trial's evaluation "
+            f"(mean over the variant's finished trials that logged it), at {batch}, on whatever hardware ran "
+            "the trial, possibly shared with other trials at the time: not a clean latency comparison. "
+            "For one, run `ioulab bench latency --checkpoint CKPT` on an idle machine.")

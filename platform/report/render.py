@@ -7,6 +7,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from ioulab.platform.report import cost as cost_module
 from ioulab.platform.report.paper import caption as paper_caption
 from ioulab.platform.report.runs import Trial
 from ioulab.platform.report.table import (MISSING, NMS_METRICS, NmsBlock, ResultsTable, fmt, fmt_cell,
@@ -69,9 +70,9 @@ def _delta_cell(value: float | None, interval=None, mark: bool = False) -> Cell:
 
 
 def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], list[list[Cell]], list[str]]:
-    """Header, body rows and row classes of the papers' table (+ ΔAP, n, std when ``stats``;
-    with bootstrap intervals the ΔAP column shows them and a "vs baseline" column says whether
-    the difference is real)."""
+    """Header, body rows and row classes of the papers' table (+ ΔAP, n, std, the cost columns and
+    ``ms/img`` where measured, when ``stats``; with bootstrap intervals the ΔAP column shows them
+    and a "vs baseline" column says whether the difference is real)."""
     ci = bool(table.intervals)
     paper = table.paper
     header = ["Variant", *table.columns]
@@ -83,6 +84,8 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         header += ["n", "AP std"]
     cost = cost_columns(table) if stats else []
     header += [label for label, _ in cost]
+    latency = stats and cost_module.has_latency(table)
+    header += [cost_module.LATENCY_COLUMN] if latency else []
     rows, classes = [], []
     for v in table.rows:
         is_base = v is table.baseline
@@ -98,6 +101,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         if stats:
             cells += [(str(v.n), "num"), (fmt(v.std("AP"), 2), "num")]
         cells += [(fmt(table.cost.get(v.name, {}).get(key), 3), "num") for _, key in cost]
+        cells += [(fmt(cost_module.latency_ms(v)), "num")] if latency else []
         rows.append(cells)
         classes.append("baseline" if is_base else "best" if v is table.best else "")
     if table.improvement is not None:
@@ -110,7 +114,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
             cells += [("", "")] * (len(paper.metrics) + 1)
         if stats:
             cells += [("", "")] * 2
-        cells += [("", "")] * len(cost)
+        cells += [("", "")] * (len(cost) + latency)
         rows.append(cells)
         classes.append("improvement")
     return header, rows, classes
@@ -214,12 +218,15 @@ def md_table(header: list[str], rows: list[list[Cell]], classes: list[str] | Non
 
 
 def table_notes(table: ResultsTable) -> list[str]:
-    """The lines under the results table: what Improvement means, variants without results."""
+    """The lines under the results table: what Improvement means, variants without results, what
+    ``ms/img`` is (when shown)."""
     out = [improvement_caption(table)] if table.improvement is not None else []
     if table.no_results:
         out.append("No finished trial: " + "; ".join(v.name for v in table.no_results))
     if table.paper is not None:
         out += paper_caption(table.paper)
+    if cost_module.has_latency(table):
+        out.append(cost_module.latency_note(table))
     return out + list(table.stats_notes) + [f"Note: {n}" for n in table.notes]
 
 

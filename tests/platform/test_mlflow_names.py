@@ -88,6 +88,11 @@ def test_parent_and_command_tags():
 def test_metric_names_and_filters():
     assert names.best_metrics({"AP": 1.0, "loss/total": 2.0}) == {"best/AP": 1.0}
     assert names.is_loss("loss/iou") and not names.is_loss("AP")
+    # the detector writes the forward-time metric under the same name (it does not import the platform)
+    from ioulab.detector.engine import timing
+
+    assert names.INFER_MS_PER_IMAGE == timing.INFER_MS_PER_IMAGE == "time/infer_ms_per_image"
+    assert names.is_timing(names.INFER_MS_PER_IMAGE) and not names.is_timing("AP")
     assert names.tag_filter({names.SWEEP_ID: "s1", names.ROLE: names.ROLE_TRIAL}) == \
         "tags.`ioulab.sweep_id` = 's1' and tags.`ioulab.role` = 'trial'"
 

@@ -66,3 +66,15 @@ def test_cuda_without_gpu_is_one_line_error(capsys):
     assert main(["selftest", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ioulab: error: --device cuda: torch") and "\n" not in err
+
+
+def test_eval_check_bounds_the_aps_not_the_forward_time(monkeypatch):
+    """The eval check wants every AP in [0, 100]; the forward time (ms per image) may be larger."""
+    from ioulab.detector.engine import evaluate
+
+    metrics = {"AP": 40.0, "AP50": 60.0, "AP90": 5.0, "time/infer_ms_per_image": 250.0}
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: (dict(metrics), None))
+    assert selftest.check_inference_mode("cpu", "ckpt.pth", "baseline") == (True, "AP 40.0  AP50 60.0  AP90 5.0")
+    metrics["AP90"] = 101.0
+    passed, detail = selftest.check_inference_mode("cpu", "ckpt.pth", "baseline")
+    assert not passed and "AP90" in detail and "time/" not in detail

@@ -1,5 +1,6 @@
 """Distributed evaluation (engine/distributed.py): two gloo ranks on 127.0.0.1 each predict a shard,
-rank 0 gathers and scores: detections and all ten metrics equal single-process evaluation exactly."""
+rank 0 gathers and scores: detections and all ten metrics equal single-process evaluation exactly;
+the forward time (a wall time) is the ranks' combined one."""
 import json
 
 import pytest
@@ -9,7 +10,9 @@ import torch.multiprocessing as mp
 
 from ioulab.detector.engine.cocoeval import METRIC_KEYS
 from ioulab.detector.engine.distributed import World, evaluate_sharded, per_rank_batch
+from ioulab.detector.engine.timing import INFER_MS_PER_IMAGE
 from ioulab.detector.errors import UserError
+from tests.conftest import without_timing
 
 # batches of 2 over 6 images: rank 0 predicts batches 0 and 2, rank 1 batch 1 (interleaved shards)
 EVAL = ("inference.batch_size=2", "inference.score_thresh=0.0")
@@ -56,10 +59,11 @@ def test_sharded_evaluation_equals_single_process(tiny_cfg, tmp_path):
     single_dets = json.loads((tmp_path / "single" / "detections.json").read_text())
     assert single_dets, "the untrained model must detect something for the comparison to mean anything"
     assert json.loads((tmp_path / "sharded" / "detections.json").read_text()) == single_dets
-    assert list(single) == list(METRIC_KEYS) + list(erroranalysis.METRIC_NAMES)
+    assert list(single) == list(METRIC_KEYS) + [INFER_MS_PER_IMAGE] + list(erroranalysis.METRIC_NAMES)
+    written = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
+    assert list(written) == list(single) and without_timing(written) == without_timing(single)
     for rank in (0, 1):  # every rank gets rank 0's metrics, equal to one process's: the ten APs and err/*
-        assert json.loads((tmp_path / "sharded" / f"returned_{rank}.json").read_text()) == single
-    assert json.loads((tmp_path / "sharded" / "metrics.json").read_text()) == single
+        assert json.loads((tmp_path / "sharded" / f"returned_{rank}.json").read_text()) == written
 
 
 def test_global_batch_must_split_evenly():

@@ -78,3 +78,30 @@ def test_to_coco_results_maps_labels_and_xywh():
             "labels": torch.tensor([2])}]
     res = to_coco_results(out, [7], [0, 1, 90])
     assert res == [{"image_id": 7, "category_id": 90, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}]
+
+
+def test_evaluation_measures_the_forward_time(tiny_cfg, tmp_path):
+    """``time/infer_ms_per_image``: in the metrics and metrics.json, positive; only the forwards after
+    the first (warm-up) batch are timed, unless there is one batch."""
+    import torch
+
+    from ioulab.detector.data.datasets import build_dataset
+    from ioulab.detector.data.loader import build_eval_loader
+    from ioulab.detector.engine.evaluate import INFER_MS_PER_IMAGE, ForwardTime, evaluate_model, predict
+    from ioulab.detector.model import build_model
+
+    cfg = tiny_cfg("inference.batch_size=2")
+    val = build_dataset(cfg.data, "val")
+    model = build_model(cfg.model, val.num_classes, cfg.inference)
+    labels, cpu = list(val.label_to_cat_id), torch.device("cpu")
+    metrics = evaluate_model(model, val, labels, cfg.inference, cpu, out_dir=tmp_path, progress=False)
+    assert 0 < metrics[INFER_MS_PER_IMAGE] < 60_000
+    assert json.loads((tmp_path / "metrics.json").read_text())[INFER_MS_PER_IMAGE] == metrics[INFER_MS_PER_IMAGE]
+    assert len(val) == 6
+    for batch_size, timed_images in ((2, 4), (6, 6)):   # 3 batches: the first is warm-up; 1 batch: timed
+        forward = ForwardTime()
+        predict(model, build_eval_loader(val, batch_size, 0), cpu, labels, progress=False, forward_time=forward)
+        assert forward.images == timed_images and forward.seconds > 0
+        assert forward.metrics() == {INFER_MS_PER_IMAGE: 1000 * forward.seconds / timed_images}
+    assert ForwardTime().metrics() == {}   # nothing timed: no metric (not a 0 or a NaN)
+    assert ForwardTime.total([ForwardTime(1.0, 4), ForwardTime(2.0, 2)]) == ForwardTime(3.0, 6)

@@ -112,6 +112,7 @@ def test_eval_only_grid_trains_once_then_evaluates_a_given_checkpoint(ray_cluste
     # what it cost: each trial's seconds x its stage's resources (1 CPU here), the parent's total
     for run in children:
         assert run.data.metrics["cost/cpu_hours"] == pytest.approx(run.data.metrics["cost/wall_seconds"] / 3600)
+        assert run.data.metrics["time/infer_ms_per_image"] > 0   # and the forward time of its evaluation
     assert parent.data.metrics["cost/cpu_hours"] == pytest.approx(
         sum(r.data.metrics["cost/cpu_hours"] for r in children)) and parent.data.metrics["cost/cpu_hours"] > 0
     exp = client.get_experiment(parent.info.experiment_id)
