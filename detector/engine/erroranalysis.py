@@ -336,9 +336,9 @@ def _fixed(dataset: dict, detections: list[dict], errors: list[_Error], kind: st
     return [replace.get(i, d) for i, d in enumerate(detections) if i not in drop]
 
 
-def _ap50(ev) -> float:
-    """AP (percent) of a COCOeval run at its first IoU threshold, over its categories with ground truth."""
-    p = np.asarray(ev.eval["precision"])[0, :, :, 0, 0]
+def _ap50(ev, t: int = 0) -> float:
+    """AP (percent) of a COCOeval run at its ``t``-th IoU threshold, over its categories with ground truth."""
+    p = np.asarray(ev.eval["precision"])[t, :, :, 0, 0]
     return _step_ap(p, (p > -1).all(axis=0))
 
 
@@ -353,7 +353,7 @@ class _Tide:
 
 def _tide(dataset: dict, detections: list[dict], strict) -> _Tide:
     errors, missed, matched = _errors(dataset, detections, strict)
-    base = _ap50(_evaluate(dataset, detections, [FG_IOU]))
+    base = _ap50(strict, STRICT_IOUS.index(FG_IOU))
     image_index = {i: n for n, i in enumerate(sorted(img["id"] for img in dataset.get("images", [])))}
     image_of_gt = {a["id"]: a["image_id"] for a in dataset.get("annotations", [])}
     out = _Tide(round(base, 4), {}, {}, {}, {})

@@ -74,7 +74,7 @@ def breakdown_intervals(rows: list[Variant], base: Variant | None, fetch, resamp
         out.notes.append(f"Intervals: Δ against the baseline with the 95 % interval of a paired bootstrap over "
                          f"the {len(boot.image_ids or [])} validation images ({resamples} resamples, the "
                          f"results table's), the whole breakdown recomputed on each resample; * = the "
-                         "interval excludes 0 (green: fewer errors, red: more); grey: within noise.")
+                         "interval excludes 0 (green: better, red: worse); grey: within noise.")
     if boot.missing:
         out.notes.append(f"No breakdown intervals for {len(set(boot.missing))} run(s) without a logged "
                          f"{erroranalysis.MATCHES_FILE} (evaluated before ioulab kept it, or without "
