@@ -40,6 +40,9 @@ TRIAL_ID = "ray.trial_id"          # Tune's trial id: a retried or restored tria
 # opens the GenAI overview (traces, token usage) instead of the runs table.
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_RUNS = "custom_model_development"
+# Experiment tag prefix of a saved view of the UI's runs table (what its "Share" button writes;
+# ``#/experiments/<id>/runs?viewStateShareKey=<key>`` opens it): platform/ui_view.py, one per sweep.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 
 # Every run
 ROLE = "ioulab.role"               # ROLE_SWEEP | ROLE_TRIAL (command runs carry COMMAND instead)

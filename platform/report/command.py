@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from ioulab.platform import mlflow_names
+from ioulab.platform import mlflow_names, ui_view
 from ioulab.platform.report import charts, cost, errors, table
 from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, MatchStore, attach_intervals
 from ioulab.platform.report.paper import paper_columns, parse_paper
@@ -152,7 +152,19 @@ def _meta(client, sweep: Sweep, ident: list[str], base, source: str) -> list[tup
     meta.append(("varying keys", ", ".join(ident) or "none"))
     meta.append(("baseline", f"{base.name} ({source})" if base is not None else "none"))
     meta.append(("trials", status_line(sweep.trials)))
+    view = _ui_view(client, sweep)
+    if view is not None:
+        meta.append(("MLflow UI view", view))
     return meta
+
+
+def _ui_view(client, sweep: Sweep) -> str | None:
+    """The link of the sweep's saved MLflow UI view (platform/ui_view.py), None without one."""
+    try:
+        experiment_id = client.get_run(sweep.parent_id).info.experiment_id
+        return ui_view.saved_view_url(client, experiment_id, sweep.name)
+    except Exception:  # a store that cannot say: the report does not need the link
+        return None
 
 
 def _variant_names(sweep: Sweep, shown, variants, ident, labels) -> dict[str, str]:

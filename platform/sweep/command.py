@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from ioulab.platform import ui_view
 from ioulab.platform.mlflow_names import TRACKING_URI_HELP
 from ioulab.platform.smoke import SMOKE_OVERRIDES, add_smoke_test, announce
 from ioulab.platform.sweep.space import Plan, SpaceError, describe, load_space
@@ -117,6 +118,11 @@ def run(args) -> int:
           f"Tune storage {outcome.experiment_dir}")
     print(f"MLflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri} (experiment {args.experiment})"
           + ("" if outcome.mlflow_complete else "  [not all records delivered yet: see warnings]"))
+    view = ui_view.save_sweep_view(outcome.tracking_uri, args.experiment, plan.name, plan.varying_keys)
+    if view is not None:
+        served = "" if outcome.tracking_uri.startswith(("http://", "https://")) else \
+            f" (after `mlflow ui --backend-store-uri {outcome.tracking_uri}`)"
+        print(f"MLflow UI, this sweep's runs with the varying keys and AP…AP90 as columns: {view}{served}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(outcome_json(outcome), f, indent=2, default=str)

@@ -428,6 +428,14 @@ def _checkpoint_ref(checkpoint, root: str) -> tuple[str | None, list]:
     return models[-1], pending
 
 
+def _kept_metric(name: str) -> bool:
+    """What a trial record keeps of the trial's last result (and ``finalize`` logs for a trial
+    that never reached MLflow): the AP metrics, losses, the error analysis' ``err/...`` and the
+    forward time, not Tune's bookkeeping (``iteration``, ``final``, ``time_total_s``, ...)."""
+    return (name in METRICS or mlflow_names.is_loss(name) or mlflow_names.is_error(name)
+            or mlflow_names.is_timing(name))
+
+
 def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRecord]:
     from ioulab.platform.sweep.trainable import point_of
 
@@ -447,7 +455,7 @@ def _records(stage: str, grid, plan: Plan, root: str, values_of) -> list[TrialRe
             error = f"CodeMismatchError: {m['code_mismatch']}"
         trial_id = m.get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
         metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and (k in METRICS or mlflow_names.is_loss(k))}
+                   and _kept_metric(k)}
         out.append(TrialRecord(stage=stage, index=point["index"], label=point["label"], trial_id=trial_id,
                                status=status, values=values_of(stage, point), metrics=metrics, node_ids=nodes,
                                seconds=float(m.get("trial_seconds", m.get("time_total_s", 0.0)) or 0.0),

@@ -1,7 +1,8 @@
 """The MLflow UI as users meet it: `mlflow server` on 127.0.0.1 over a small sweep's store, opened
 in headless Chromium (driven over the DevTools protocol on a pipe: no extra package). The
 ``ioulab`` experiment opens on the runs table, the sweep's parent run is there and expands to its
-trials. The screenshot is kept in the test's tmp_path (its path is printed).
+trials; the sweep's saved view (platform/ui_view.py) shows its varying key and AP as columns,
+which the default table does not. The screenshots are kept in the tests' tmp_path (paths printed).
 
 MLflow 3.17's UI has a global GenAI / Model-training switch (browser storage, GenAI by default)
 that wins over the experiment's ``mlflow.experimentKind`` tag; the ``workflowType=machine_learning``
@@ -23,7 +24,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ioulab.platform import mlflow_names, tracking
+from ioulab.platform import mlflow_names, tracking, ui_view
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SWEEP, TRIALS = "ablation-cpu", ("eval-000 mode=baseline", "eval-001 mode=iou_nms")
@@ -51,6 +52,7 @@ def _store(uri: str) -> str:
         client.log_metric(run.info.run_id, "AP", 30.0 + i)
         client.set_terminated(run.info.run_id)
     client.set_terminated(parent.info.run_id)
+    ui_view.save_view(client, exp, SWEEP, ["inference.mode"])
     return exp
 
 
@@ -119,15 +121,17 @@ def _wait_text(chrome: _Chromium, session: str, needles, seconds: float = 60.0) 
     raise AssertionError(f"not on the page after {seconds:.0f} s: {needles}; page text: {text[:1500]!r}")
 
 
-def test_runs_page_shows_the_sweep_parent_and_its_trials(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """(base URL, experiment id, Chromium, tmp folder): `mlflow server` over the store, one browser."""
+    tmp = tmp_path_factory.mktemp("mlflow_ui")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     exp = _store(uri)
-    assert MlflowClient(uri).get_experiment(exp).tags[mlflow_names.EXPERIMENT_KIND] == "custom_model_development"
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--default-artifact-root", (tmp_path / "artifacts").as_uri(),
+                               "--default-artifact-root", (tmp / "artifacts").as_uri(),
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+                              stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
     chrome = None
     try:
         deadline = time.monotonic() + 90
@@ -138,26 +142,10 @@ def test_runs_page_shows_the_sweep_parent_and_its_trials(tmp_path):
                         break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+                    raise AssertionError((tmp / "server.log").read_text()[-2000:])
                 time.sleep(1.0)
-        chrome = _Chromium(tmp_path / "profile")
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
-        target = chrome.send("Target.createTarget", url=url)["targetId"]
-        session = chrome.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        text = _wait_text(chrome, session, [f"{SWEEP}-sweep", "matching runs"])
-        assert "Token Usage" not in text          # the runs table, not the GenAI overview
-        assert "3 matching runs" in " ".join(text.split())   # the parent and its two trials
-        # the trials are nested under the parent: expand it
-        clicked = chrome.send("Runtime.evaluate", session, returnByValue=True, expression=(
-            "(() => { const b = document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]');"
-            " if (b) b.click(); return !!b; })()"))["result"]["value"]
-        assert clicked, "no expander next to the parent run"
-        _wait_text(chrome, session, TRIALS, seconds=30)
-        shot = chrome.send("Page.captureScreenshot", session, format="png")["data"]
-        path = tmp_path / "mlflow_runs_page.png"
-        path.write_bytes(base64.b64decode(shot))
-        assert path.stat().st_size > 20_000
-        print(f"MLflow UI screenshot: {path}")
+        chrome = _Chromium(tmp / "profile")
+        yield f"http://127.0.0.1:{port}/", exp, chrome, tmp
     finally:
         if chrome is not None:
             chrome.close()
@@ -166,3 +154,46 @@ def test_runs_page_shows_the_sweep_parent_and_its_trials(tmp_path):
             server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def _open(chrome: _Chromium, url: str) -> str:
+    target = chrome.send("Target.createTarget", url=url)["targetId"]
+    return chrome.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+
+def _expand_parent(chrome: _Chromium, session: str) -> None:
+    clicked = chrome.send("Runtime.evaluate", session, returnByValue=True, expression=(
+        "(() => { const b = document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]');"
+        " if (b) b.click(); return !!b; })()"))["result"]["value"]
+    assert clicked, "no expander next to the parent run"
+
+
+def _screenshot(chrome: _Chromium, session: str, path) -> None:
+    path.write_bytes(base64.b64decode(chrome.send("Page.captureScreenshot", session, format="png")["data"]))
+    assert path.stat().st_size > 20_000
+    print(f"MLflow UI screenshot: {path}")
+
+
+def test_runs_page_shows_the_sweep_parent_and_its_trials(ui):
+    base, exp, chrome, tmp = ui
+    assert MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_experiment(exp).tags[mlflow_names.EXPERIMENT_KIND] \
+        == "custom_model_development"
+    session = _open(chrome, f"{base}#/experiments/{exp}/runs?workflowType=machine_learning")
+    text = _wait_text(chrome, session, [f"{SWEEP}-sweep", "matching runs"])
+    assert "Token Usage" not in text          # the runs table, not the GenAI overview
+    assert "3 matching runs" in " ".join(text.split())   # the parent and its two trials
+    assert "inference.mode" not in text       # the default columns: why the sweep saves a view
+    _expand_parent(chrome, session)           # the trials are nested under the parent
+    _wait_text(chrome, session, TRIALS, seconds=30)
+    _screenshot(chrome, session, tmp / "mlflow_runs_page.png")
+
+
+def test_the_sweeps_view_shows_its_varying_key_and_ap_columns(ui):
+    base, exp, chrome, tmp = ui
+    session = _open(chrome, base + ui_view.view_path(exp, ui_view.view_key(SWEEP)))
+    text = _wait_text(chrome, session, [f"{SWEEP}-sweep", "shared view", "inference.mode", "AP"])
+    assert "3 matching runs" in " ".join(text.split())
+    _expand_parent(chrome, session)
+    cells = _wait_text(chrome, session, [*TRIALS, "baseline", "iou_nms"], seconds=30).split("\n")
+    assert "30" in cells and "31" in cells     # the trials' AP in its column
+    _screenshot(chrome, session, tmp / "mlflow_sweep_view.png")
