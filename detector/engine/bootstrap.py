@@ -117,7 +117,7 @@ def compare(a: VariantSamples, b: VariantSamples, level: float = 0.95) -> dict[s
     out = {}
     for m in a.point.keys() & b.point.keys():
         samples = b.boot[m] - a.boot[m]
-        low, high = np.percentile(samples, [tail, 100 - tail])
+        low, high = np.nanpercentile(samples, [tail, 100 - tail])   # NaN: a resample where the metric is undefined
         image_var = float(np.var(b.images_only[m] - a.images_only[m], ddof=1)) if len(samples) > 1 else float("nan")
         out[m] = Interval(b.point[m] - a.point[m], float(low), float(high), samples, image_var)
     return out

@@ -122,8 +122,9 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
     report.variant_of = _variant_names(sweep, shown, variants, ident, labels)
     if any(table.is_nms_key(k) for k in ident):
         report.nms = table.nms_blocks(shown, ident, base.values if base is not None else spec)
+    matches = MatchStore(client)
     if resamples > 0:
-        attach_intervals(results, MatchStore(client), report.nms, resamples, bootstrap_seed)
+        attach_intervals(results, matches, report.nms, resamples, bootstrap_seed)
     if table.LAMBDA_KEY in ident:
         series = table.lambda_series(shown, varying)
         best = "; ".join(f"{s.label}: best λ={s.best[0]:g} (AP {s.best[1]:.1f})" for s in series)
@@ -138,7 +139,7 @@ def build_report(client, sweep_name: str, baseline: list[str] | None = None,
                                    charts.png_bytes(charts.delta_figure(results))))
     report.latency = latency if latency is not None else parent_latency(client, sweep.parent_id)
     where = errors.where_section(results, errors.ErrorStore(client), errors.ErrorMatchStore(client),
-                                 resamples, bootstrap_seed)
+                                 resamples, bootstrap_seed, eval_fetch=matches)
     if where is not None:
         report.sections.append(where)
     return report, sweep

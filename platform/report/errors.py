@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ioulab.detector.engine import erroranalysis
+from ioulab.detector.engine import cocoeval, erroranalysis
 from ioulab.detector.engine.cocoeval import RECALL_THRESHOLDS
 from ioulab.platform import mlflow_names
 from ioulab.platform.report import charts
@@ -193,22 +193,61 @@ def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float]] | 
     return class_ap, curve
 
 
-def class_table(base_ap: dict[str, float], best_ap: dict[str, float], limit: int = CLASS_ROWS):
+class ClassAP:
+    """Per-class AP (IoU .50:.95, percent; NaN without ground truth) of one run's
+    :class:`~ioulab.detector.engine.cocoeval.Matches` under image weights: ``acc(weights [B, I])``
+    -> {``class/<k>``: [B]}, k the index in the sorted category ids (what the per-class ΔAP
+    intervals resample; the interface of ``bootstrap.variant_samples``' accumulator)."""
+
+    def __init__(self, matches, metrics):
+        self.acc = cocoeval.Accumulator(matches, ("AP",))
+        self.metrics = tuple(metrics)
+
+    def __call__(self, weights=None) -> dict[str, np.ndarray]:
+        ap = 100.0 * self.acc.category_ap(weights).mean(axis=1)     # [B, K]; NaN at every T alike
+        return {m: ap[:, int(m.split("/", 1)[1])] for m in self.metrics}
+
+
+def class_intervals(base: Variant, best: Variant, names: list[str], fetch, resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0) -> dict[str, Interval]:
+    """Class name -> the paired-bootstrap interval of its ΔAP (best − baseline), from the runs'
+    ``eval_matches.npz`` (``fetch``: :class:`MatchStore`); ``names`` in sorted category-id order.
+    Empty when a run has no matches or ``resamples`` is 0."""
+    if resamples <= 0:
+        return {}
+    out: dict[str, dict] = {}
+    boot = Bootstrapper(fetch, resamples, seed, accumulator=ClassAP)
+    compare_rows(boot, base, [base, best], [f"class/{k}" for k in range(len(names))], out)
+    return {names[int(m.split("/", 1)[1])]: iv for m, iv in out.get(best.name, {}).items()}
+
+
+def class_table(base_ap: dict[str, float], best_ap: dict[str, float], limit: int = CLASS_ROWS,
+                intervals: dict[str, Interval] | None = None):
     """(header, rows, classes): classes by ΔAP (best − baseline), the ``limit`` biggest gains
-    then the ``limit`` biggest losses (every class when there are at most 2 x limit)."""
+    then the ``limit`` biggest losses (every class when there are at most 2 x limit); with
+    ``intervals`` (class -> Interval) each ΔAP carries its 95 % interval."""
     deltas = sorted(((best_ap[n] - base_ap[n], n) for n in base_ap if n in best_ap), reverse=True)
     if len(deltas) > 2 * limit:
         deltas = deltas[:limit] + deltas[-limit:]
-    body = [[(n, "name"), (fmt(base_ap[n]), "num"), (fmt(best_ap[n]), "num"),
-             (fmt_delta(d), "pos" if d > 0.05 else "neg" if d < -0.05 else "num")] for d, n in deltas]
+    body = [[(n, "name"), (fmt(base_ap[n]), "num"), (fmt(best_ap[n]), "num"), _class_delta(d, (intervals or {}).get(n))]
+            for d, n in deltas]
     return ["Class", "baseline AP", "best AP", "ΔAP"], body, [""] * len(body)
 
 
+def _class_delta(delta: float, interval: Interval | None) -> Cell:
+    if interval is None or not np.isfinite([interval.low, interval.high]).all():
+        return fmt_delta(delta), "pos" if delta > 0.05 else "neg" if delta < -0.05 else "num"
+    if not interval.excludes_zero:
+        return fmt_interval(delta, interval), "noise"
+    return fmt_interval(delta, interval) + SIGNIFICANT, "pos" if delta > 0 else "neg"
+
+
 def where_section(results: ResultsTable, fetch, matches_fetch=None, resamples: int = DEFAULT_RESAMPLES,
-                  seed: int = 0) -> Section | None:
+                  seed: int = 0, eval_fetch=None) -> Section | None:
     """The section for ``results`` (None when no run of it logged an error analysis);
     ``fetch(run_id)`` returns a run's ErrorAnalysis or None (:class:`ErrorStore`);
-    ``matches_fetch`` its ErrorMatches (:class:`ErrorMatchStore`; None: no intervals)."""
+    ``matches_fetch`` its ErrorMatches (:class:`ErrorMatchStore`; None: no breakdown intervals),
+    ``eval_fetch`` its Matches (:class:`MatchStore`; None: no per-class intervals)."""
     prefix = mlflow_names.ERROR_PREFIX
     rows = [v for v in results.rows if v.mean(f"{prefix}loc") is not None]
     if not rows:
@@ -230,8 +269,11 @@ def where_section(results: ResultsTable, fetch, matches_fetch=None, resamples: i
     if base is not None and best is not None:
         base_mean, best_mean = _mean_analysis(base, fetch), _mean_analysis(best, fetch)
         if base_mean is not None and best_mean is not None:
-            section.tables.append((f"Per-class ΔAP: {best.name} (best) − {base.name} (baseline)",
-                                   class_table(base_mean[0], best_mean[0])))
+            names = list(fetch(next(t.run_id for t in base.finished if fetch(t.run_id) is not None)).class_ap)
+            per_class = class_intervals(base, best, names, eval_fetch, resamples, seed) if eval_fetch else {}
+            section.tables.append((f"Per-class ΔAP: {best.name} (best) − {base.name} (baseline)"
+                                   + (" [95 % interval]" if per_class else ""),
+                                   class_table(base_mean[0], best_mean[0], intervals=per_class)))
             recall = RECALL_THRESHOLDS.tolist()
             fig = erroranalysis.curves_figure({f"{base.name} (baseline)": (recall, base_mean[1]),
                                     f"{best.name} (best)": (recall, best_mean[1])},

@@ -187,3 +187,33 @@ def test_section_renders_in_headless_chromium(err_store, tmp_path):
     assert img.mean(axis=2).std() > 15   # drawn, not blank
     shutil.copy(shot, out / "screenshot.png")
     print(f"screenshot: {out / 'screenshot.png'}")
+
+
+def test_per_class_delta_carries_its_interval(err_store):
+    """The per-class ΔAP of the best variant has the paired-bootstrap interval of that class's AP
+    (IoU .50:.95), recomputed here from the logged eval_matches.npz on the same resamples."""
+    from ioulab.detector.engine import bootstrap
+    from ioulab.platform.report import errors
+    from ioulab.platform.report.command import build_report
+    from ioulab.platform.report.render import md_table
+
+    report, _ = build_report(err_store.client, "where", resamples=200)
+    (section,) = [s for s in report.sections if s.title == "Where the AP goes"]
+    (title, table), = [(t, tb) for t, tb in section.tables if t.startswith("Per-class ΔAP")]
+    assert title.endswith("[95 % interval]")
+    rows = {r[0]: r for r in md_tables(md_table(*table))[0][1:]}
+    gt, _, _ = synthetic_eval_set(24, 4, 24, seed=5)
+    names = [str(c["name"]) for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    matches = errors.MatchStore(err_store.client)
+    weights = bootstrap.resample_weights(24, 200, np.random.default_rng(0))
+    metrics = [f"class/{k}" for k in range(len(names))]
+    a = errors.ClassAP(matches(err_store.ids["baseline"]), metrics)(weights)
+    b = errors.ClassAP(matches(err_store.ids["refine"]), metrics)(weights)
+    point_a = errors.ClassAP(matches(err_store.ids["baseline"]), metrics)()
+    analysis = err_store.ids["baseline_analysis"]
+    for k, name in enumerate(names):
+        if analysis.class_ap[name] is None:
+            continue
+        assert point_a[f"class/{k}"][0] == pytest.approx(analysis.class_ap[name], abs=1e-3)   # same AP as errors.json
+        low, high = _percentiles(b[f"class/{k}"] - a[f"class/{k}"])
+        assert f"[{fmt_delta(low)}, {fmt_delta(high)}]" in rows[name][3]
