@@ -267,7 +267,18 @@ def match(coco_gt, detections: list[dict], areas=("all",), backend: str = "auto"
     return out
 
 
-def _no_detections(dataset: dict, image_ids: list[int], category_ids: list[int], area_range) -> AreaMatches:
+def matches_without_detections(dataset: dict, num_thresholds: int = len(IOU_THRESHOLDS)) -> Matches:
+    """The :class:`Matches` of no detections at ``num_thresholds`` IoU thresholds, area "all"
+    (pycocotools cannot load an empty result list; every AP is 0 where there is ground truth)."""
+    image_ids = sorted({img["id"] for img in dataset.get("images", [])})
+    category_ids = sorted({c["id"] for c in dataset.get("categories", [])})
+    out = Matches(image_ids, category_ids, [None] * len(AREA_RANGES), gt_digest(dataset))
+    out.areas[0] = _no_detections(dataset, image_ids, category_ids, AREA_RANGES[0], num_thresholds)
+    return out
+
+
+def _no_detections(dataset: dict, image_ids: list[int], category_ids: list[int], area_range,
+                   T: int = len(IOU_THRESHOLDS)) -> AreaMatches:
     """No detections: only the ground-truth counts matter (every AP is 0 where there is GT)."""
     img_index = {i: n for n, i in enumerate(image_ids)}
     cat_index = {c: n for n, c in enumerate(category_ids)}
@@ -276,7 +287,6 @@ def _no_detections(dataset: dict, image_ids: list[int], category_ids: list[int],
     for ann in dataset.get("annotations", []):
         if not (ann.get("ignore", 0) or ann.get("iscrowd", 0) or not lo <= ann["area"] <= hi):
             num_gt[img_index[ann["image_id"]], cat_index[ann["category_id"]]] += 1
-    T = len(IOU_THRESHOLDS)
     return AreaMatches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0),
                        np.zeros((T, 0), bool), np.zeros((T, 0), bool), num_gt)
 

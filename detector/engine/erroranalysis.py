@@ -130,9 +130,7 @@ def analyze_and_match(coco_gt, detections: list[dict], precision: np.ndarray | N
                              precision=curves)
     as_matches = functools.partial(cocoeval.matches_from_cocoeval, dataset=dataset)
     matches = ErrorMatches(strict=as_matches(strict), sim=as_matches(confusion["sim"]),
-                           oth=as_matches(confusion["oth"]),
-                           fixed={k: as_matches(ev) for k, ev in tide.fixed.items()},
-                           counts=tide.per_image)
+                           oth=as_matches(confusion["oth"]), fixed=tide.fixed, counts=tide.per_image)
     return analysis, matches
 
 
@@ -347,7 +345,7 @@ class _Tide:
     base: float                      # AP50
     delta: dict[str, float]          # TIDE_TYPES -> ΔAP50 when fixed
     count: dict[str, int]            # TIDE_TYPES -> how many
-    fixed: dict                      # TIDE_TYPES -> COCOeval at IoU .5 of the fixed detections / ground truth
+    fixed: dict                      # TIDE_TYPES -> Matches at IoU .5 of the fixed detections / ground truth
     per_image: dict[str, np.ndarray]  # TIDE_TYPES -> [I] count per image (sorted image ids)
 
 
@@ -360,17 +358,25 @@ def _tide(dataset: dict, detections: list[dict], strict) -> _Tide:
     for kind in TIDE_TYPES:
         if kind == "miss":
             gone = set(missed)
-            ev = _evaluate(dict(dataset, annotations=[a for a in dataset.get("annotations", [])
-                                                      if a["id"] not in gone]), detections, [FG_IOU])
+            ap, out.fixed[kind] = _fg_eval(dict(dataset, annotations=[
+                a for a in dataset.get("annotations", []) if a["id"] not in gone]), detections)
             images = [image_of_gt[g] for g in missed]
         else:
-            ev = _evaluate(dataset, _fixed(dataset, detections, errors, kind, matched), [FG_IOU])
+            ap, out.fixed[kind] = _fg_eval(dataset, _fixed(dataset, detections, errors, kind, matched))
             images = [detections[e.det]["image_id"] for e in errors if e.kind == kind]
-        out.fixed[kind] = ev
         out.per_image[kind] = np.bincount([image_index[i] for i in images], minlength=len(image_index))
         out.count[kind] = len(images)
-        out.delta[kind] = round(_ap50(ev) - base, 4) if images else 0.0
+        out.delta[kind] = round(ap - base, 4) if images else 0.0
     return out
+
+
+def _fg_eval(dataset: dict, detections: list[dict]) -> tuple[float, cocoeval.Matches]:
+    """(AP50, the Matches at IoU .5) of ``detections``; fixing may leave none (every detection was
+    an error of the type removed): AP 0, which pycocotools cannot compute (no empty result list)."""
+    if not detections:
+        return 0.0, cocoeval.matches_without_detections(dataset, 1)
+    ev = _evaluate(dataset, detections, [FG_IOU])
+    return _ap50(ev), cocoeval.matches_from_cocoeval(ev, dataset)
 
 
 def _without_detections(dataset: dict, names: list[str]) -> ErrorAnalysis:

@@ -240,3 +240,17 @@ def test_error_accumulator_rejects_unknown_metrics():
     _, matches = erroranalysis.analyze_and_match(gt, dets)
     with pytest.raises(ValueError, match="not an error-analysis metric"):
         erroranalysis.ErrorAccumulator(matches, ["AP"])
+
+
+def test_fixing_can_remove_every_detection():
+    """Every detection is background: removing the bkg errors leaves no detection at all (AP50 0,
+    which pycocotools cannot score from an empty list); the resampled breakdown agrees."""
+    gt, _ = handmade()
+    dets = [_det(4, 1, [150.0, 150.0, 20.0, 20.0], 0.6), _det(2, 2, [160.0, 10.0, 20.0, 20.0], 0.5)]
+    analysis, matches = erroranalysis.analyze_and_match(gt, dets)
+    assert analysis.tide_count["bkg"] == 2 and analysis.base_ap50 == 0.0
+    assert analysis.tide_delta["bkg"] == 0.0     # 0 detections score no better than 2 wrong ones
+    values = erroranalysis.ErrorAccumulator(matches)(np.array([[1, 1, 1, 1, 1, 1], [0, 2, 1, 3, 0, 0]]))
+    for name, logged in analysis.metrics().items():
+        assert values[name][0] == pytest.approx(logged, abs=1e-3), name
+    assert values["err/n_bkg"][1] == 5.0     # image 2 twice, image 4 three times
