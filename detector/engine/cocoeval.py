@@ -471,9 +471,8 @@ class Accumulator:
             ap = per_area[AREA_OF_METRIC.get(key, 0)]
             if key in THRESHOLD_OF_METRIC:
                 ap = ap[:, THRESHOLD_OF_METRIC[key]:THRESHOLD_OF_METRIC[key] + 1]
-            out[key] = _mean_valid(ap)
+            out[key] = mean_valid(ap)
         return out
-
 
     def category_ap(self, weights: np.ndarray | None = None, area: int = 0) -> np.ndarray:
         """weights: [B, I] (None: ones) -> [B, T, K] AP (fraction) per threshold and category of
@@ -494,10 +493,10 @@ class Accumulator:
         """weights: [B, I] -> [B, T] AP in percent at each IoU threshold the matching has (area
         "all"; the mean over categories with ground truth, 0 without any)."""
         ap = self.category_ap(weights, 0)
-        return np.stack([_mean_valid(ap[:, t:t + 1]) for t in range(ap.shape[1])], axis=1)
+        return np.stack([mean_valid(ap[:, t:t + 1]) for t in range(ap.shape[1])], axis=1)
 
 
-def _mean_valid(ap: np.ndarray) -> np.ndarray:
+def mean_valid(ap: np.ndarray) -> np.ndarray:
     """[B, T, K] with NaN for categories without GT -> [B] mean over the rest, in percent (0 if none)."""
     valid = ~np.isnan(ap)
     count = valid.sum(axis=(1, 2))

@@ -106,7 +106,7 @@ def analyze(coco_gt, detections: list[dict], precision: np.ndarray | None = None
 
 
 def analyze_and_match(coco_gt, detections: list[dict], precision: np.ndarray | None = None
-                      ) -> tuple[ErrorAnalysis, "ErrorMatches | None"]:
+                      ) -> tuple[ErrorAnalysis, ErrorMatches | None]:
     """:func:`analyze` and the per-image matchings behind it (:class:`ErrorMatches`, what the
     report resamples for its intervals; None without detections)."""
     dataset = copy.deepcopy(cocoeval._dataset_dict(coco_gt))
@@ -483,7 +483,7 @@ class ErrorAccumulator:
         reached = np.where(recall > 0, cocoeval.thresholds_reached(recall), 0)
         bg = np.where(gt > 0, reached / len(cocoeval.RECALL_THRESHOLDS), np.nan)
         steps = [strict[:, 0], strict[:, 1], strict[:, 2], self.sim.threshold_ap(weights)[:, 0],
-                 self.oth.threshold_ap(weights)[:, 0], cocoeval._mean_valid(bg[:, None, :]),
+                 self.oth.threshold_ap(weights)[:, 0], cocoeval.mean_valid(bg[:, None, :]),
                  100.0 * (gt > 0).any(axis=1)]
         counts = w @ self.counts                                           # [B, 6]
         values = [self.fixed[k].threshold_ap(weights)[:, 0] - c50 for k in TIDE_TYPES]

@@ -25,7 +25,7 @@ from ioulab.platform import mlflow_names
 from ioulab.platform.report import charts
 from ioulab.detector.engine.bootstrap import Interval
 from ioulab.platform.report.intervals import DEFAULT_RESAMPLES, Bootstrapper, MatchStore, compare_rows
-from ioulab.platform.report.render import SIGNIFICANT, Cell, Chart, Section
+from ioulab.platform.report.render import Cell, Chart, Section, delta_cell
 from ioulab.platform.report.table import ResultsTable, Variant, fmt, fmt_delta, fmt_interval
 
 TITLE = "Where the AP goes"
@@ -96,11 +96,10 @@ def _cell(v: Variant, base: Variant | None, metric: str, digits: int = 1, interv
     delta = value - base.mean(metric)
     if interval is None:
         return f"{fmt(value, digits)} ({fmt_delta(delta, digits)})", "num"
-    mark = SIGNIFICANT if interval.excludes_zero else ""
-    text = f"{fmt(value, digits)} ({fmt_interval(delta, interval, digits)}{mark})"
-    if not interval.excludes_zero:
-        return text, "noise"
-    return text, "pos" if (delta < 0) == lower_is_better else "neg"
+    text, css = delta_cell(delta, interval, mark=True, digits=digits)
+    if lower_is_better:   # fewer errors is the good direction: green for a fall
+        css = {"pos": "neg", "neg": "pos"}.get(css, css)
+    return f"{fmt(value, digits)} ({text})", css
 
 
 def breakdown_table(rows: list[Variant], base: Variant | None, metrics: list[str], labels: list[str],
@@ -182,15 +181,16 @@ def localization_verdict(rows: list[Variant], base: Variant | None, results: Res
     return lines
 
 
-def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float]] | None:
-    """(class -> mean AP, mean PR curve at IoU .9) over the variant's runs with ``errors.json``."""
+def _mean_analysis(v: Variant, fetch) -> tuple[dict[str, float], list[float], list[str]] | None:
+    """(class -> mean AP, mean PR curve at IoU .9, every class name in category-id order) over the
+    variant's runs with ``errors.json``."""
     found = [a for a in (fetch(t.run_id) for t in v.finished) if a is not None]
     if not found:
         return None
     names = [n for n in found[0].class_ap if all(a.class_ap.get(n) is not None for a in found)]
     class_ap = {n: statistics.fmean(a.class_ap[n] for a in found) for n in names}
     curve = [statistics.fmean(a.precision["0.9"][r] for a in found) for r in range(len(found[0].recall))]
-    return class_ap, curve
+    return class_ap, curve, list(found[0].class_ap)
 
 
 class ClassAP:
@@ -229,17 +229,9 @@ def class_table(base_ap: dict[str, float], best_ap: dict[str, float], limit: int
     deltas = sorted(((best_ap[n] - base_ap[n], n) for n in base_ap if n in best_ap), reverse=True)
     if len(deltas) > 2 * limit:
         deltas = deltas[:limit] + deltas[-limit:]
-    body = [[(n, "name"), (fmt(base_ap[n]), "num"), (fmt(best_ap[n]), "num"), _class_delta(d, (intervals or {}).get(n))]
-            for d, n in deltas]
+    body = [[(n, "name"), (fmt(base_ap[n]), "num"), (fmt(best_ap[n]), "num"),
+             delta_cell(d, (intervals or {}).get(n), mark=True)] for d, n in deltas]
     return ["Class", "baseline AP", "best AP", "ΔAP"], body, [""] * len(body)
-
-
-def _class_delta(delta: float, interval: Interval | None) -> Cell:
-    if interval is None or not np.isfinite([interval.low, interval.high]).all():
-        return fmt_delta(delta), "pos" if delta > 0.05 else "neg" if delta < -0.05 else "num"
-    if not interval.excludes_zero:
-        return fmt_interval(delta, interval), "noise"
-    return fmt_interval(delta, interval) + SIGNIFICANT, "pos" if delta > 0 else "neg"
 
 
 def where_section(results: ResultsTable, fetch, matches_fetch=None, resamples: int = DEFAULT_RESAMPLES,
@@ -269,8 +261,7 @@ def where_section(results: ResultsTable, fetch, matches_fetch=None, resamples: i
     if base is not None and best is not None:
         base_mean, best_mean = _mean_analysis(base, fetch), _mean_analysis(best, fetch)
         if base_mean is not None and best_mean is not None:
-            names = list(fetch(next(t.run_id for t in base.finished if fetch(t.run_id) is not None)).class_ap)
-            per_class = class_intervals(base, best, names, eval_fetch, resamples, seed) if eval_fetch else {}
+            per_class = class_intervals(base, best, base_mean[2], eval_fetch, resamples, seed) if eval_fetch else {}
             section.tables.append((f"Per-class ΔAP: {best.name} (best) − {base.name} (baseline)"
                                    + (" [95 % interval]" if per_class else ""),
                                    class_table(base_mean[0], best_mean[0], intervals=per_class)))

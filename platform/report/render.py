@@ -58,10 +58,10 @@ Cell = tuple[str, str]   # (text, class: "" | "num" | "pos" | "neg" | "noise" | 
 SIGNIFICANT = " *"       # marks a Δ whose 95 % interval excludes 0
 
 
-def _delta_cell(value: float | None, interval=None, mark: bool = False) -> Cell:
+def delta_cell(value: float | None, interval=None, mark: bool = False, digits: int = 1) -> Cell:
     """Δ (with its interval when there is one): green/red when the interval excludes 0 (or, with
     no interval, by its sign), grey "noise" when the interval contains 0."""
-    text = fmt_interval(value, interval)
+    text = fmt_interval(value, interval, digits)
     if interval is not None:
         if not interval.excludes_zero:
             return text, "noise"
@@ -93,7 +93,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         cells += [(fmt(v.mean(c)), "num") for c in table.columns]
         if stats:
             interval = table.interval(v, "AP")
-            cells += [("baseline", "num") if is_base else _delta_cell(table.delta_ap(v), interval)]
+            cells += [("baseline", "num") if is_base else delta_cell(table.delta_ap(v), interval)]
             if ci:
                 cells += [("", "") if is_base else (verdict(interval) or "no interval", "")]
         if paper is not None:
@@ -106,7 +106,7 @@ def results_rows(table: ResultsTable, stats: bool = True) -> tuple[list[str], li
         classes.append("baseline" if is_base else "best" if v is table.best else "")
     if table.improvement is not None:
         cells = [("Improvement", "name")]
-        cells += [_delta_cell(table.improvement.get(c), table.improvement_interval(c), mark=True)
+        cells += [delta_cell(table.improvement.get(c), table.improvement_interval(c), mark=True)
                   for c in table.columns]
         if stats:
             cells += [("", "")] + ([(verdict(table.improvement_interval("AP")), "")] if ci else [])
@@ -134,7 +134,7 @@ def _paper_cells(paper, v, is_base: bool) -> list[Cell]:
     cells: list[Cell] = [(fmt(paper.value(v, m)), "num") for m in paper.metrics]
     if is_base:
         return cells + [("baseline" if paper.has_row(v) else MISSING, "num")]
-    return cells + [_delta_cell(paper.delta(v, "AP"))]
+    return cells + [delta_cell(paper.delta(v, "AP"))]
 
 
 def improvement_caption(table: ResultsTable) -> str:
@@ -157,7 +157,7 @@ def nms_rows(block: NmsBlock) -> tuple[list[str], list[list[Cell]], list[str]]:
         is_base = v is block.baseline
         cells: list[Cell] = [(v.name + (" (baseline)" if is_base else ""), "name")]
         cells += [(fmt(v.mean(m)), "num") for m in NMS_METRICS]
-        cells += [_delta_cell(block.delta(v, m), block.interval(v, m), mark=True) for m in ("AP", "AP75")]
+        cells += [delta_cell(block.delta(v, m), block.interval(v, m), mark=True) for m in ("AP", "AP75")]
         cells += [(str(v.n), "num")]
         rows.append(cells)
         classes.append("baseline" if is_base else "")
